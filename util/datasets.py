@@ -1,0 +1,222 @@
+"""Datasets and transforms for MaskAlign pre-training and fine-tuning.
+
+Pre-training runs for days over ~1.28M files, so a single unreadable image must
+not kill the run: :class:`RobustImageDataset` logs it, substitutes another
+sample deterministically (so a resumed run sees the same data) and only fails
+when the share of bad files shows the dataset itself is broken.
+"""
+import logging
+import math
+import multiprocessing
+import os
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+__all__ = [
+    'IMAGENET_DEFAULT_MEAN', 'IMAGENET_DEFAULT_STD', 'TooManyBadSamplesError', 'RobustImageDataset',
+    'build_pretrain_transform', 'build_finetune_transform', 'build_dataset',
+]
+
+logger = logging.getLogger('maskalign.data')
+
+Sample = Tuple[str, int]
+
+# Prime stride for substitutes: consecutive files are often bad together
+# (one broken shard/directory), so jump far away instead of taking i + 1.
+_SUBSTITUTE_STRIDE = 7919
+_MAX_CONSECUTIVE_FAILURES = 50
+# The bad-fraction check waits for this many attempts (or one pass over a
+# smaller dataset) so a couple of bad files among the first reads are tolerated.
+_MIN_ATTEMPTS_FOR_CHECK = 100
+
+
+class TooManyBadSamplesError(RuntimeError):
+    """More than ``max_bad_fraction`` of the loaded images were unreadable."""
+
+
+def build_pretrain_transform(input_size: int) -> transforms.Compose:
+    """MAE pre-training augmentation: only crop + flip, masking does the rest."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def build_finetune_transform(is_train: bool, input_size: int, color_jitter: Optional[float] = None,
+                             aa: Optional[str] = 'rand-m9-mstd0.5-inc1', reprob: float = 0.25,
+                             remode: str = 'pixel', recount: int = 1,
+                             interpolation: str = 'bicubic') -> Callable:
+    """MAE fine-tuning transforms.
+
+    Train: timm's RandomResizedCrop + RandAugment + random erasing pipeline.
+    Eval: resize the shorter side to ``input_size / 0.875`` (224 -> 256) and
+    center-crop, the standard ImageNet evaluation protocol.
+    ``interpolation`` must be a torchvision mode name for eval (not timm's 'random').
+    """
+    if is_train:
+        return create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
+                                auto_augment=aa, interpolation=interpolation, re_prob=reprob,
+                                re_mode=remode, re_count=recount,
+                                mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    return transforms.Compose([
+        transforms.Resize(int(input_size / 0.875), interpolation=transforms.InterpolationMode(interpolation)),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def _load_rgb(path: str) -> Image.Image:
+    """Open and fully decode an image; PIL is lazy, so ``convert`` forces the
+    decode here, where failures are caught, instead of inside the transform."""
+    with open(path, 'rb') as f:
+        return Image.open(f).convert('RGB')
+
+
+class RobustImageDataset(torch.utils.data.Dataset):
+    """(path, label) samples whose unreadable images are skipped, not fatal.
+
+    A failed load is logged (logger ``maskalign.data``) and replaced by sample
+    ``(i + k * 7919) % len`` for k = 1, 2, ... Failures and attempts are counted
+    in shared memory, so counts from DataLoader workers are visible in the main
+    process and the bad-fraction limit applies to the whole run.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Optional[Callable] = None,
+                 classes: Optional[List] = None, max_bad_fraction: float = 0.01):
+        if not samples:
+            raise ValueError('RobustImageDataset needs at least one sample')
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
+        self.samples: List[Sample] = list(samples)
+        self.targets: List[int] = [label for _, label in self.samples]
+        self.classes: List = classes if classes is not None else sorted(set(self.targets))
+        self.transform = transform
+        self.max_bad_fraction = max_bad_fraction
+        # Shared-memory counters guarded by one lock, so both change together.
+        # A lock from the default (fork) context refuses to be pickled for spawn
+        # workers; a spawn-context lock works with fork, spawn and forkserver.
+        self._lock = multiprocessing.get_context('spawn').Lock()
+        self._num_bad = multiprocessing.Value('q', 0, lock=False)
+        self._num_attempted = multiprocessing.Value('q', 0, lock=False)
+
+    @property
+    def num_bad(self) -> int:
+        """Failed image loads so far, summed over all worker processes."""
+        return self._num_bad.value
+
+    @property
+    def num_attempted(self) -> int:
+        """Image loads attempted so far (substitutes included), over all workers."""
+        return self._num_attempted.value
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        img, target = self._load_with_substitutes(index)
+        # Outside the guard on purpose: a transform failing on a valid image is a bug.
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+    def _load_with_substitutes(self, index: int) -> Tuple[Image.Image, int]:
+        n = len(self.samples)
+        stride = _SUBSTITUTE_STRIDE if math.gcd(_SUBSTITUTE_STRIDE, n) == 1 else 1
+        for k in range(_MAX_CONSECUTIVE_FAILURES):
+            path, target = self.samples[(index + k * stride) % n]
+            try:
+                # Decoders raise many types on corrupt data (OSError, SyntaxError,
+                # ValueError, struct.error, DecompressionBombError, ...); the block
+                # only reads this one file, so any failure means the file is bad.
+                img = _load_rgb(path)
+            except Exception as e:
+                self._record_bad(path, e)
+                continue
+            with self._lock:
+                self._num_attempted.value += 1
+            return img, target
+        raise RuntimeError(f'{_MAX_CONSECUTIVE_FAILURES} consecutive images failed to load starting at '
+                           f'index {index} (last: {path}); is the data directory readable?')
+
+    def _record_bad(self, path: str, error: Exception) -> None:
+        reason = f'{type(error).__name__}: {error}'
+        logger.warning('Bad image %s (%s); substituting another sample', path, reason)
+        with self._lock:
+            self._num_attempted.value += 1
+            self._num_bad.value += 1
+            bad, attempted = self._num_bad.value, self._num_attempted.value
+        if attempted >= min(len(self), _MIN_ATTEMPTS_FOR_CHECK) and bad > self.max_bad_fraction * attempted:
+            raise TooManyBadSamplesError(
+                f'{bad} of {attempted} attempted images were unreadable ({bad / attempted:.1%}), more than '
+                f'the allowed {self.max_bad_fraction:.1%} (--max_bad_fraction). Last bad file: {path} '
+                f'({reason})')
+
+
+def _find_images(class_dir: str) -> List[str]:
+    """Image paths under ``class_dir`` (recursive, sorted), chosen by extension
+    only: opening 1.28M files just to list them would take hours."""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames.sort()
+        paths.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
+    return paths
+
+
+def _scan_image_folder(root: str) -> Tuple[List[Sample], List[str]]:
+    """ImageFolder layout ``root/<class>/<image>``; label = index of the sorted class name."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'Image directory not found: {root}')
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise ValueError(f'No class sub-directories in {root} (expected root/<class>/<image>)')
+    samples = [(path, label) for label, name in enumerate(classes)
+               for path in _find_images(os.path.join(root, name))]
+    if not samples:
+        raise ValueError(f'No images with extensions {IMG_EXTENSIONS} found under {root}')
+    return samples, classes
+
+
+def _read_file_list(file_list: str, root: str) -> List[Sample]:
+    """Lines ``relative/path label``; split on the last whitespace so paths may
+    contain spaces. Blank lines and ``#`` comments are skipped. Files are not
+    checked here: missing ones are handled as bad samples when loaded."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'Data directory not found: {root}')
+    samples = []
+    with open(file_list, encoding='utf-8') as f:
+        for line_no, line in enumerate(f, start=1):
+            line = line.strip()
+            if not line or line.startswith('#'):
+                continue
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise ValueError(f'{file_list}, line {line_no}: expected "<relative path> <integer label>", '
+                                 f'got {line!r}')
+            samples.append((os.path.join(root, parts[0]), int(parts[1])))
+    if not samples:
+        raise ValueError(f'File list {file_list} contains no samples')
+    return samples
+
+
+def build_dataset(data_path: str, transform: Optional[Callable], split: Optional[str] = None,
+                  file_list: Optional[str] = None, max_bad_fraction: float = 0.01) -> RobustImageDataset:
+    """Dataset from a file list (paths relative to ``data_path``), else from the
+    ImageFolder at ``data_path/split`` if that exists (MAE's ``--data_path
+    /imagenet`` + ``train/``), else from the ImageFolder at ``data_path``."""
+    if file_list is not None:
+        return RobustImageDataset(_read_file_list(file_list, data_path), transform,
+                                  max_bad_fraction=max_bad_fraction)
+    root = data_path
+    if split is not None and os.path.isdir(os.path.join(data_path, split)):
+        root = os.path.join(data_path, split)
+    samples, classes = _scan_image_folder(root)
+    return RobustImageDataset(samples, transform, classes=classes, max_bad_fraction=max_bad_fraction)
