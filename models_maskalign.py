@@ -14,7 +14,7 @@ Factories `maskalign_vit_{tiny,small,base,large}_patch16` are registered with ti
 teacher_weights='/path/ViT-B-16.pt')` works as well as MAE's `models_mae.__dict__[name](...)`.
 """
 from dataclasses import dataclass, fields
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -252,15 +252,3 @@ maskalign_vit_tiny = maskalign_vit_tiny_patch16
 maskalign_vit_small = maskalign_vit_small_patch16
 maskalign_vit_base = maskalign_vit_base_patch16
 maskalign_vit_large = maskalign_vit_large_patch16
-
-
-def param_groups_weight_decay(model: nn.Module, weight_decay: float,
-                              skip: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases, norms (all 1-D params), cls/pos tokens and the DA matrix W."""
-    skip = set(skip) | set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]

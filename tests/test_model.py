@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import models_maskalign
-from models_maskalign import MaskAlignConfig, MaskAlignViT, create_maskalign, param_groups_weight_decay
+from models_maskalign import MaskAlignConfig, MaskAlignViT, create_maskalign
+from util.optim import param_groups_weight_decay
 from util.alignment import DynamicAlignment, init_alignment_matrix, relative_depth_map
 from util.masking import attentive_visible, mask_from_visible, num_visible, random_visible
 from util.teachers import build_teacher

@@ -1,0 +1,128 @@
+"""MaskAlign pre-training.
+
+    torchrun --nproc_per_node=8 main_pretrain.py --data_path /imagenet --output_dir out \
+        --teacher openai/clip-vit-base-patch16 --teacher_weights /ckpt/ViT-B-16.pt
+    python main_pretrain.py --demo          # embedded default: CPU, small real images, a few minutes
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+import timm
+import torch
+
+import models_maskalign
+from engine import NonFiniteLossError, Task, TrainingInterrupted, fit, setup
+from util import args as cli
+from util.datasets import TooManyBadSamplesError, build_dataset, build_pretrain_transform
+from util.demo import DEMO_DEFAULTS, prepare_demo_data, prepare_demo_teacher
+from util.distributed import DistEnv, destroy
+from util.metrics import TensorboardWriter
+from util.optim import param_groups_weight_decay
+from util.sampler import PerSampleSeeded
+
+logger = logging.getLogger("maskalign")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MaskAlign pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="maskalign_vit_base_patch16", choices=timm.list_models("maskalign*"),
+                        help="student architecture")
+    parser.add_argument("--model_kwargs", nargs="*", action=cli.ParseKwargs, default={}, metavar="KEY=VALUE",
+                        help="override the student architecture, e.g. depth=6 embed_dim=384 num_heads=6")
+    parser.add_argument("--demo", action="store_true",
+                        help="embedded default run (CPU, shipped images, small teacher); other flags override it")
+    cli.add_training_args(parser, batch_size=128, epochs=200, blr=1.5e-4, drop_path=0.1, weight_decay=0.05,
+                          warmup_epochs=None)
+    cli.add_maskalign_args(parser)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    if "--demo" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**DEMO_DEFAULTS)  # explicit flags still win
+    return cli.parse(parser, argv)
+
+
+def build_model(args: argparse.Namespace) -> models_maskalign.MaskAlignViT:
+    return models_maskalign.__dict__[args.model](
+        teacher=args.teacher, teacher_weights=args.teacher_weights, teacher_kwargs=args.teacher_kwargs,
+        img_size=args.input_size,
+        drop_path_rate=args.drop_path, mask_type=args.mask_type, mask_ratio=args.mask_ratio, top_k=args.top_k,
+        align=args.align, adaptor=args.adaptor, target_norm=args.target_norm, loss_type=args.loss_type,
+        align_cls=args.align_cls, **args.model_kwargs)
+
+
+def pretrain_forward(model, batch):
+    """One micro-batch: the alignment loss and its per-level parts for logging."""
+    loss, _, _, level_losses = model(batch[0], return_level_losses=True)
+    return loss, {f"loss_level{i}": v for i, v in enumerate(level_losses.detach().float().tolist())}
+
+
+def prepare_demo(args: argparse.Namespace, env: DistEnv) -> None:
+    root = os.path.join(args.output_dir, "demo_data")
+    if args.data_path is None:
+        args.data_path = root
+    if args.teacher_weights is None and args.teacher == DEMO_DEFAULTS["teacher"]:
+        args.teacher_weights = os.path.join(args.output_dir, "demo_teacher.pth")
+    if env.is_main:
+        prepare_demo_data(root, args.seed)
+        if args.teacher_weights.startswith(args.output_dir):
+            prepare_demo_teacher(args.teacher_weights, args.seed)
+    torch.distributed.barrier() if env.enabled else None
+
+
+def alignment_matrix_image(model: models_maskalign.MaskAlignViT) -> Optional[torch.Tensor]:
+    """1 x S x T image of W scaled to [0, 1] (None for layer-wise alignment, which has no W)."""
+    w = model.dynamic_align.weight
+    if w is None:
+        return None
+    w = w.detach().float().cpu()
+    return ((w - w.min()) / (w.max() - w.min() + 1e-12)).unsqueeze(0)
+
+
+def main(args: argparse.Namespace) -> None:
+    env, device = setup(args)
+    if args.demo:
+        prepare_demo(args, env)
+    if args.data_path is None:
+        raise SystemExit("--data_path is required (or --demo for the embedded default run)")
+    logger.info("args: %s", json.dumps(vars(args), sort_keys=True))
+    dataset = build_dataset(args.data_path, build_pretrain_transform(args.input_size), split="train",
+                            file_list=args.file_list, max_bad_fraction=args.max_bad_fraction)
+    model = build_model(args).to(device)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.blr,
+                                  betas=(0.9, 0.95))
+
+    def end_of_epoch(epoch: int, writer: TensorboardWriter) -> dict:
+        image = alignment_matrix_image(model)
+        if image is not None:
+            writer.image("dynamic_alignment_matrix", image, (epoch + 1) * 1000)
+        return {}
+
+    fit(args, env, device, Task(model=model, forward_fn=pretrain_forward, dataset=PerSampleSeeded(dataset, args.seed),
+                                optimizer=optimizer, end_of_epoch=end_of_epoch))
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point with exit codes: 0 done, 1 non-finite loss / bad data, 143 stopped by a signal."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except TrainingInterrupted as e:
+        logger.warning("%s", e)
+        return 143
+    except (NonFiniteLossError, TooManyBadSamplesError) as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,215 @@
+"""main_pretrain.py and engine.py on CPU with a tiny model (issue #3)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import main_pretrain
+from util import checkpoint
+
+TINY_TEACHER = dict(depth=3, embed_dim=48, num_heads=3)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "vit_tiny.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_TEACHER).state_dict(), path)
+    return str(path)
+
+
+def make_images(root, n=24, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        cls = root / "train" / f"class{i % 2}"
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(make_images(tmp_path_factory.mktemp("data")))
+
+
+def pretrain_argv(data, out, teacher_file, *extra):
+    return ["--model", "maskalign_vit_tiny_patch16", "--teacher", "timm:vit_tiny_patch16_224",
+            "--teacher_weights", teacher_file, "--data_path", str(data), "--output_dir", str(out),
+            "--input_size", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--blr", "1e-2",
+            "--num_workers", "0", "--device", "cpu", "--top_k", "3", "--print_freq", "100",
+            "--model_kwargs", "depth=2", "embed_dim=64", "num_heads=2",
+            "--teacher_kwargs", *[f"{k}={v}" for k, v in TINY_TEACHER.items()], *extra]
+
+
+def run(data, out, teacher_file, *extra):
+    return main_pretrain.run(pretrain_argv(data, out, teacher_file, *extra))
+
+
+def weights(out):
+    return checkpoint.load(os.path.join(out, checkpoint.LATEST))["model"]
+
+
+def assert_same_weights(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_tiny_run_writes_checkpoints_and_logs(data_dir, tmp_path, teacher_file):
+    assert run(data_dir, tmp_path, teacher_file, "--save_freq", "1") == 0
+    assert {"checkpoint-latest.pth", "checkpoint-0.pth", "checkpoint-1.pth", "log.txt"} <= set(os.listdir(tmp_path))
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path))
+    ckpt = checkpoint.load(os.path.join(tmp_path, "checkpoint-1.pth"))
+    assert {"model", "optimizer", "scaler", "epoch", "args"} <= ckpt.keys() and ckpt["epoch"] == 1
+    assert isinstance(ckpt["args"], dict) and ckpt["args"]["mask_type"] == "attentive"
+    assert "dynamic_align.weight" in ckpt["model"]
+    assert not any("teacher" in k for k in ckpt["model"])
+    lines = [json.loads(l) for l in open(tmp_path / "log.txt")]
+    assert [l["epoch"] for l in lines] == [0, 1]
+    assert all(np.isfinite(l["train_loss"]) and "train_loss_level2" in l for l in lines)
+
+
+def test_resume_mid_epoch_reproduces_uninterrupted_run(data_dir, tmp_path, teacher_file, monkeypatch):
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    extra = ("--save_interval_min", "0", "--drop_path", "0.1")
+    assert run(data_dir, full, teacher_file, *extra) == 0
+
+    calls = {"n": 0}
+    original = main_pretrain.pretrain_forward
+
+    def crash_at_step_8(model, batch):  # 6 steps per epoch: step 8 is mid-epoch 1
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt("simulated crash")
+        return original(model, batch)
+
+    monkeypatch.setattr(main_pretrain, "pretrain_forward", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        run(data_dir, interrupted, teacher_file, *extra)
+    state = checkpoint.load(os.path.join(interrupted, checkpoint.LATEST))
+    assert (state["resume_epoch"], state["resume_step"]) == (1, 1)
+    monkeypatch.setattr(main_pretrain, "pretrain_forward", original)
+    assert run(data_dir, interrupted, teacher_file, *extra) == 0  # auto-resumes from checkpoint-latest
+    assert_same_weights(weights(full), weights(interrupted))
+
+
+def test_accumulation_matches_larger_batch(data_dir, tmp_path, teacher_file):
+    common = ("--epochs", "1", "--mask_ratio", "0.0", "--drop_path", "0", "--lr", "1e-3")
+    assert run(data_dir, tmp_path / "big", teacher_file, *common, "--batch_size", "8") == 0
+    assert run(data_dir, tmp_path / "accum", teacher_file, *common, "--batch_size", "4", "--accum_iter", "2") == 0
+    assert_same_weights(weights(tmp_path / "big"), weights(tmp_path / "accum"), exact=False)
+
+
+def test_two_process_gloo_matches_single_process(data_dir, tmp_path, teacher_file):
+    common = ("--epochs", "1", "--mask_ratio", "0.0", "--drop_path", "0", "--lr", "1e-3")
+    assert run(data_dir, tmp_path / "single", teacher_file, *common, "--batch_size", "8") == 0
+    argv = pretrain_argv(data_dir, tmp_path / "ddp", teacher_file, *common, "--batch_size", "4")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "main_pretrain.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(weights(tmp_path / "single"), weights(tmp_path / "ddp"), exact=False)
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path, teacher_file):
+    data = make_images(tmp_path / "data")
+    (data / "train" / "class0" / "empty.png").write_bytes(b"")
+    (data / "train" / "class1" / "text.jpg").write_text("not an image")
+    assert run(data, tmp_path / "out", teacher_file, "--epochs", "1", "--max_bad_fraction", "0.5") == 0
+    record = json.loads(open(tmp_path / "out" / "log.txt").readline())
+    assert record["bad_images"] >= 1
+
+
+def test_nan_loss_stops_with_checkpoint_intact(data_dir, tmp_path, teacher_file, monkeypatch):
+    calls = {"n": 0}
+    original = main_pretrain.pretrain_forward
+
+    def nan_at_step_4(model, batch):
+        calls["n"] += 1
+        loss, metrics = original(model, batch)
+        return (loss * float("nan") if calls["n"] == 4 else loss), metrics
+
+    monkeypatch.setattr(main_pretrain, "pretrain_forward", nan_at_step_4)
+    assert run(data_dir, tmp_path, teacher_file, "--save_interval_min", "0") == 1
+    state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
+    assert (state["resume_epoch"], state["resume_step"]) == (0, 3)  # written after the last good step
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_sigterm_writes_latest_and_stops(data_dir, tmp_path, teacher_file, monkeypatch):
+    calls = {"n": 0}
+    original = main_pretrain.pretrain_forward
+
+    def sigterm_at_step_2(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(model, batch)
+
+    monkeypatch.setattr(main_pretrain, "pretrain_forward", sigterm_at_step_2)
+    assert run(data_dir, tmp_path, teacher_file) == 143
+    state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
+    assert (state["resume_epoch"], state["resume_step"]) == (0, 2)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_with_pickle_payload_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "epoch": 0, "payload": _Payload()}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to load"):
+        checkpoint.load(str(path))
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path):
+    checkpoint.save_atomic({"x": torch.ones(2)}, str(tmp_path / "a.pth"))
+    assert os.listdir(tmp_path) == ["a.pth"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mask_ratio", "1.0"], "--mask_ratio"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--input_size", "50"], "multiple of the patch size"),
+    (["--amp", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
+    (["--data_path", "/no/such/dir"], "does not exist"),
+    (["--top_k", "0"], "--top_k"),
+    (["--mask_type", "block"], "invalid choice"),
+    (["--loss_weights", "best"], "topK"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_bad_flags_exit_2_before_any_model(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr(main_pretrain, "build_model", lambda args: pytest.fail("model built"))
+    with pytest.raises(SystemExit) as exc:
+        main_pretrain.run(flags)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_reference_flag_aliases():
+    args = main_pretrain.parse_args(["--mask_type", "attention", "--fusion_type", "simple", "--target_norm",
+                                     "whiten", "--loss_type", "smoothl1", "--loss_weights", "top3", "--head_type",
+                                     "mlp", "--teacher_model", "facebook/dino-vitb16", "--device", "cpu"])
+    assert (args.mask_type, args.align, args.target_norm, args.loss_type, args.top_k, args.adaptor, args.teacher) \
+        == ("attentive", "layerwise", "ln", "smooth_l1", 3, "mlp", "facebook/dino-vitb16")
+
+
+def test_paper_defaults():
+    args = main_pretrain.parse_args(["--device", "cpu"])
+    assert (args.blr, args.weight_decay, args.epochs, args.warmup_epochs, args.drop_path, args.mask_ratio) == \
+        (1.5e-4, 0.05, 200, 20.0, 0.1, 0.7)
+    assert args.amp == "none" and args.batch_size * 8 == 1024

@@ -1,0 +1,93 @@
+"""Checkpoints in MAE's layout (`model`, `optimizer`, `scaler`, `epoch`, `args`) plus what exact
+resumption needs (`resume_epoch`, `resume_step`, `global_step`).
+
+Written atomically (temp file + rename) so a job killed mid-write never leaves a corrupt file, and loaded
+with `weights_only=True` so a checkpoint cannot run code.
+"""
+import glob
+import logging
+import os
+import pickle
+import re
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger("maskalign")
+
+LATEST = "checkpoint-latest.pth"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def save_atomic(obj: dict[str, Any], path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: str) -> dict[str, Any]:
+    """Tensors and plain containers only; anything that would need pickle to run code is refused."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects that are not plain tensors/containers "
+            f"(loading it would execute code). Re-save its state dicts as plain data. Detail: {e}") from e
+
+
+def numbered_path(output_dir: str, epoch: int) -> str:
+    return os.path.join(output_dir, f"checkpoint-{epoch}.pth")
+
+
+def find_resume(output_dir: Optional[str]) -> Optional[str]:
+    """The file to auto-resume from: checkpoint-latest.pth if present, else the highest numbered one."""
+    if not output_dir:
+        return None
+    latest = os.path.join(output_dir, LATEST)
+    if os.path.isfile(latest):
+        return latest
+    numbered = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))
+                if (m := re.search(r"checkpoint-(\d+)\.pth$", p))]
+    return max(numbered)[1] if numbered else None
+
+
+def training_state(model, optimizer, scaler, args, *, epoch_done: int, resume_epoch: int, resume_step: int,
+                   global_step: int, extra: Optional[dict] = None) -> dict[str, Any]:
+    """`epoch` keeps MAE's meaning (last completed epoch, so MAE's loader resumes at epoch + 1).
+
+    `extra` holds task state (e.g. `model_ema`, `max_accuracy`) stored at the top level.
+    """
+    return {
+        **(extra or {}),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch_done,
+        "resume_epoch": resume_epoch,
+        "resume_step": resume_step,
+        "global_step": global_step,
+        "args": dict(vars(args)),
+    }
+
+
+def restore_training_state(path: str, model, optimizer, scaler) -> tuple[int, int, dict[str, Any]]:
+    """Load model/optimizer/scaler; returns (epoch, step within it, the whole checkpoint) to continue from."""
+    ckpt = load(path)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match this model (was it written with other --model, "
+                              f"--model_kwargs, --teacher, --top_k or --align flags?): {e}") from e
+    if "optimizer" in ckpt and optimizer is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    epoch = ckpt.get("resume_epoch", ckpt["epoch"] + 1)
+    step = ckpt.get("resume_step", 0)
+    logger.info("resumed from %s at epoch %d, step %d", path, epoch, step)
+    return epoch, step, ckpt
