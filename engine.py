@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from util import checkpoint
-from util.distributed import DistEnv, all_reduce_sum, init_distributed
+from util.datasets import TooManyBadSamplesError
+from util.distributed import DistEnv, all_reduce_sum, destroy, init_distributed
 from util.lr_sched import adjust_learning_rate
 from util.metrics import MetricLogger, TensorboardWriter, setup_logging
 from util.sampler import PerSampleSeeded, ResumableDistributedSampler
@@ -177,6 +178,22 @@ def _maybe_checkpoint(ctx: LoopContext, epoch: int, next_step: int, global_step:
 
 
 # ----------------------------------------------------------------------------------------- the whole run
+def run_main(main: Callable[[Any], None], args) -> int:
+    """Run an entry point's main(args) and map the expected ways a run ends to exit codes: 0 done,
+    1 non-finite loss, too much bad data or an unusable checkpoint, 143 stopped by a signal (checkpoint written)."""
+    try:
+        main(args)
+    except TrainingInterrupted as e:
+        logger.warning("%s", e)
+        return 143
+    except (NonFiniteLossError, TooManyBadSamplesError, checkpoint.CheckpointError) as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        destroy()
+    return 0
+
+
 def setup(args) -> tuple[DistEnv, torch.device]:
     """Process group, logging, output directory and the initial seed (same weights on every rank)."""
     env = init_distributed(args.device, timeout_min=args.dist_timeout_min)
@@ -271,3 +288,24 @@ def _log_epoch(args, env: DistEnv, writer: TensorboardWriter, record: dict) -> N
         with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
             f.write(json.dumps(record) + "\n")
         writer.flush()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable, device: torch.device, args,
+             distributed: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and cross-entropy; sums are all-reduced when each rank saw a shard."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, count
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(args, device):
+            logits = model(images)
+        logits = logits.float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+        sums += torch.stack([torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double(),
+                             hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                             torch.tensor(float(len(targets)), dtype=torch.float64, device=device)])
+    if distributed:
+        all_reduce_sum(sums)
+    n = max(sums[3].item(), 1.0)
+    return {"acc1": 100.0 * sums[1].item() / n, "acc5": 100.0 * sums[2].item() / n, "loss": sums[0].item() / n}

@@ -15,11 +15,11 @@ import timm
 import torch
 
 import models_maskalign
-from engine import NonFiniteLossError, Task, TrainingInterrupted, fit, setup
+from engine import Task, fit, run_main, setup
 from util import args as cli
-from util.datasets import TooManyBadSamplesError, build_dataset, build_pretrain_transform
+from util.datasets import build_dataset, build_pretrain_transform
 from util.demo import DEMO_DEFAULTS, prepare_demo_data, prepare_demo_teacher
-from util.distributed import DistEnv, destroy
+from util.distributed import DistEnv
 from util.metrics import TensorboardWriter
 from util.optim import param_groups_weight_decay
 from util.sampler import PerSampleSeeded
@@ -42,10 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = get_args_parser()
-    if "--demo" in (sys.argv[1:] if argv is None else argv):
-        parser.set_defaults(**DEMO_DEFAULTS)  # explicit flags still win
-    return cli.parse(parser, argv)
+    return cli.parse(get_args_parser(), argv, presets={"--demo": DEMO_DEFAULTS})
 
 
 def build_model(args: argparse.Namespace) -> models_maskalign.MaskAlignViT:
@@ -110,18 +107,7 @@ def main(args: argparse.Namespace) -> None:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point with exit codes: 0 done, 1 non-finite loss / bad data, 143 stopped by a signal."""
-    args = parse_args(argv)
-    try:
-        main(args)
-    except TrainingInterrupted as e:
-        logger.warning("%s", e)
-        return 143
-    except (NonFiniteLossError, TooManyBadSamplesError) as e:
-        logger.error("%s", e)
-        return 1
-    finally:
-        destroy()
-    return 0
+    return run_main(main, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import argparse
 import ast
 import os
 import re
+import sys
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -152,5 +153,12 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     return args
 
 
-def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
+          presets: Optional[dict[str, dict]] = None) -> argparse.Namespace:
+    """Parse and validate. `presets` maps a switch (e.g. `--demo`) to the defaults it brings; flags given
+    explicitly on the command line still win over a preset."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for switch, defaults in (presets or {}).items():
+        if switch in argv:
+            parser.set_defaults(**defaults)
     return resolve(parser, parser.parse_args(argv))

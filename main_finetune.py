@@ -1,0 +1,219 @@
+"""Fine-tuning and linear probing of a pre-trained MaskAlign student (or any timm/MAE ViT checkpoint).
+
+    torchrun --nproc_per_node=8 main_finetune.py --finetune out/ma_b16/checkpoint-199.pth \
+        --model vit_base_patch16_224 --data_path /imagenet --output_dir out/ft_b16 --model_ema
+    torchrun --nproc_per_node=8 main_finetune.py --linprobe --finetune out/ma_b16/checkpoint-199.pth ...
+    python main_finetune.py --eval --resume out/ft_b16/checkpoint-best.pth --data_path /imagenet
+
+Fine-tuning follows MAE's recipe with the paper's numbers (SPEC.md): 100 epochs, 5 warm-up, blr 3e-4,
+layer decay 0.6, drop path 0.2, RandAugment, mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing
+0.25, global average pooling. `--linprobe` freezes the backbone and trains BatchNorm (no affine) + a linear
+head with LARS, as MAE does.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+
+from engine import Task, evaluate, fit, run_main, setup
+from util import args as cli
+from util import checkpoint
+from util.datasets import build_dataset, build_finetune_transform, build_pretrain_transform
+from util.distributed import DistEnv
+from util.metrics import TensorboardWriter
+from util.optim import LARS, param_groups_layer_decay
+from util.pretrained import load_into, read_backbone
+from util.sampler import PerSampleSeeded
+
+logger = logging.getLogger("maskalign")
+
+# MAE's linear-probing recipe (main_linprobe.py): large batch, LARS, no augmentation beyond crop + flip.
+LINPROBE_DEFAULTS = dict(batch_size=512, epochs=90, blr=0.1, weight_decay=0.0, warmup_epochs=10,
+                         global_pool=False, drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, opt="lars")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MaskAlign fine-tuning / linear probing",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="vit_base_patch16_224", help="timm ViT to fine-tune")
+    g.add_argument("--model_kwargs", nargs="*", action=cli.ParseKwargs, default={}, metavar="KEY=VALUE",
+                   help="extra timm.create_model arguments, e.g. depth=6")
+    g.add_argument("--finetune", default="", help="pre-trained checkpoint: ours, MAE's, the reference "
+                                                  "MaskAlign code's, a timm state dict or .safetensors")
+    g.add_argument("--nb_classes", type=int, default=1000)
+    g.add_argument("--global_pool", action="store_true", default=True, help="average-pool the patch tokens")
+    g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify from [CLS] instead")
+    g.add_argument("--linprobe", action="store_true", help="linear probing: frozen backbone, BN + linear head")
+    g.add_argument("--opt", choices=("adamw", "lars", "sgd"), default="adamw")
+    g.add_argument("--layer_decay", type=float, default=0.6, help="layer-wise lr decay (fine-tuning)")
+    g.add_argument("--model_ema", action="store_true", help="keep an EMA of the weights, evaluated alongside")
+    g.add_argument("--model_ema_decay", type=float, default=0.9999)
+
+    g = parser.add_argument_group("augmentation and regularisation (MAE's fine-tuning recipe)")
+    g.add_argument("--color_jitter", type=float, default=None)
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy ('' to disable)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--remode", default="pixel")
+    g.add_argument("--recount", type=int, default=1)
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 disables)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 disables)")
+    g.add_argument("--cutmix_minmax", type=float, nargs=2, default=None)
+    g.add_argument("--mixup_prob", type=float, default=1.0)
+    g.add_argument("--mixup_switch_prob", type=float, default=0.5)
+    g.add_argument("--mixup_mode", choices=("batch", "pair", "elem"), default="batch")
+
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true", help="only evaluate (--resume or --finetune weights)")
+    g.add_argument("--dist_eval", action="store_true", help="shard the validation set across processes")
+    g.add_argument("--val_file_list", default=None, help="file list for validation ('path label' lines)")
+
+    cli.add_training_args(parser, batch_size=128, epochs=100, blr=3e-4, drop_path=0.2, weight_decay=0.05,
+                          warmup_epochs=5)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    args = cli.parse(parser, argv, presets={"--linprobe": LINPROBE_DEFAULTS})
+    if mixup_active(args) and args.batch_size % 2:
+        parser.error("mixup/cutmix need an even --batch_size")
+    if args.model not in timm.list_models() and args.model not in timm.list_models(pretrained=True):
+        parser.error(f"--model {args.model} is not a timm model")
+    return args
+
+
+def mixup_active(args) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def build_model(args) -> nn.Module:
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes, img_size=args.input_size,
+                              drop_path_rate=args.drop_path, global_pool="avg" if args.global_pool else "token",
+                              **args.model_kwargs)
+    if args.finetune:
+        load_into(model, read_backbone(args.finetune), expected_name=args.model)
+    nn.init.trunc_normal_(model.head.weight, std=0.01 if args.linprobe else 2e-5)
+    nn.init.zeros_(model.head.bias)
+    if args.linprobe:  # MAE: BatchNorm without affine in front of the linear head, nothing else trains
+        model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+    return model
+
+
+def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+    if args.linprobe or args.opt != "adamw":
+        params = [p for p in model.parameters() if p.requires_grad]
+        if args.opt == "lars":
+            return LARS(params, lr=args.blr, weight_decay=args.weight_decay)
+        return torch.optim.SGD(params, lr=args.blr, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(param_groups_layer_decay(model, args.weight_decay, args.layer_decay), lr=args.blr)
+
+
+def build_criterion(args) -> nn.Module:
+    if mixup_active(args):
+        return SoftTargetCrossEntropy()  # mixup produces soft targets (smoothing included)
+    return LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
+
+
+def build_datasets(args):
+    if args.linprobe:
+        train_transform = build_pretrain_transform(args.input_size)  # crop + flip only
+    else:
+        train_transform = build_finetune_transform(True, args.input_size, args.color_jitter, args.aa or None,
+                                                   args.reprob, args.remode, args.recount)
+    train = build_dataset(args.data_path, train_transform, split="train", file_list=args.file_list,
+                          max_bad_fraction=args.max_bad_fraction)
+    val = build_dataset(args.data_path, build_finetune_transform(False, args.input_size), split="val",
+                        file_list=args.val_file_list, max_bad_fraction=args.max_bad_fraction)
+    return train, val
+
+
+def val_loader(args, env: DistEnv, dataset) -> DataLoader:
+    """Every sample exactly once: sharded across ranks with --dist_eval, else each rank sees all of it."""
+    indices = range(env.rank, len(dataset), env.world_size) if args.dist_eval else range(len(dataset))
+    return DataLoader(dataset, batch_size=args.batch_size, sampler=list(indices), num_workers=args.num_workers,
+                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False)
+
+
+def make_forward(mixup_fn: Optional[Mixup], criterion: nn.Module):
+    def classification_forward(model, batch):
+        samples, targets = batch
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        return criterion(model(samples), targets), {}
+    return classification_forward
+
+
+def main(args: argparse.Namespace) -> None:
+    env, device = setup(args)
+    if args.data_path is None:
+        raise SystemExit("--data_path is required (an ImageFolder root with train/ and val/)")
+    logger.info("args: %s", json.dumps(vars(args), sort_keys=True))
+    train_set, val_set = build_datasets(args)
+    model = build_model(args).to(device)
+    val = val_loader(args, env, val_set)
+    if args.eval:
+        if args.resume:
+            model.load_state_dict(checkpoint.load(args.resume)["model"])
+        stats = evaluate(model, val, device, args, distributed=args.dist_eval and env.enabled)
+        logger.info("accuracy of the network on %d test images: top-1 %.2f%%, top-5 %.2f%%",
+                    len(val_set), stats["acc1"], stats["acc5"])
+        return
+
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    best = {"max_accuracy": 0.0}
+    mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                     prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                     label_smoothing=args.smoothing, num_classes=args.nb_classes) if mixup_active(args) else None
+
+    def end_of_epoch(epoch: int, writer: TensorboardWriter) -> dict:
+        stats = evaluate(model, val, device, args, distributed=args.dist_eval and env.enabled)
+        record = {f"test_{k}": v for k, v in stats.items()}
+        if ema is not None:
+            record.update({f"test_ema_{k}": v for k, v in
+                           evaluate(ema.module, val, device, args, args.dist_eval and env.enabled).items()})
+        if stats["acc1"] > best["max_accuracy"]:
+            best["max_accuracy"] = stats["acc1"]
+            if env.is_main:
+                checkpoint.save_atomic({"model": model.state_dict(), "epoch": epoch, "acc1": stats["acc1"],
+                                        "args": dict(vars(args))}, os.path.join(args.output_dir, "checkpoint-best.pth"))
+        writer.scalars({f"test/{k[5:]}": v for k, v in record.items()}, (epoch + 1) * 1000)
+        logger.info("epoch %d: top-1 %.2f%% (best %.2f%%)%s", epoch, stats["acc1"], best["max_accuracy"],
+                    f", EMA top-1 {record['test_ema_acc1']:.2f}%" if ema is not None else "")
+        return {**record, "max_accuracy": best["max_accuracy"]}
+
+    def extra_state() -> dict:
+        return {"max_accuracy": best["max_accuracy"], **({"model_ema": ema.module.state_dict()} if ema else {})}
+
+    def load_extra_state(ckpt: dict) -> None:
+        best["max_accuracy"] = ckpt.get("max_accuracy", 0.0)
+        if ema is not None and "model_ema" in ckpt:
+            ema.module.load_state_dict(ckpt["model_ema"])
+
+    task = Task(model=model, forward_fn=make_forward(mixup_fn, build_criterion(args)),
+                dataset=PerSampleSeeded(train_set, args.seed), optimizer=build_optimizer(args, model),
+                end_of_epoch=end_of_epoch, after_optimizer_step=(lambda: ema.update(model)) if ema else None,
+                extra_state=extra_state, load_extra_state=load_extra_state)
+    fit(args, env, device, task)
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point with exit codes: 0 done, 1 non-finite loss / bad data, 143 stopped by a signal."""
+    return run_main(main, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run())

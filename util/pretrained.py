@@ -1,0 +1,194 @@
+"""Pre-trained backbone weights in, timm weights out.
+
+`read_backbone` accepts, and reduces to the student ViT in timm's names:
+- our pre-training checkpoints (`model` = student + `dynamic_align.*`),
+- MAE pre-training / fine-tuning checkpoints (`model` with `decoder_*`, `mask_token`),
+- the MaskAlign reference code's checkpoints (`model` also holding `clip_model.*` / `dino_model.*` teacher
+  weights and `distill_heads.*` / `distill_weights`),
+- plain timm state dicts and `.safetensors` files.
+`load_into` then fits them to a timm ViT (position embedding interpolated to its grid, a mismatched head
+dropped) and reports what was dropped or left missing. Everything is read with `weights_only=True`.
+"""
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+
+from util import checkpoint
+
+logger = logging.getLogger("maskalign")
+
+# Keys that belong to pre-training machinery, never to the backbone.
+PRETRAIN_ONLY_PREFIXES = ("dynamic_align.", "decoder_", "mask_token", "clip_model.", "dino_model.",
+                          "distill_heads.", "distill_weights", "teacher.")
+HEAD_PREFIXES = ("head.", "fc_norm.")
+# Width/depth of the standard ViT/16 students, to name the timm model a checkpoint belongs to.
+KNOWN_VITS = {(192, 12): "vit_tiny_patch16_224", (384, 12): "vit_small_patch16_224",
+              (768, 12): "vit_base_patch16_224", (1024, 24): "vit_large_patch16_224",
+              (1280, 32): "vit_huge_patch14_224"}
+
+
+@dataclass
+class Backbone:
+    state_dict: dict[str, torch.Tensor]
+    source: str  # "maskalign", "maskalign-reference", "mae" or "timm"
+    dropped: list[str] = field(default_factory=list)
+    pretrain_args: Optional[dict[str, Any]] = None
+
+    @property
+    def width(self) -> int:
+        return self.state_dict["cls_token"].shape[-1]
+
+    @property
+    def depth(self) -> int:
+        return len({k.split(".")[1] for k in self.state_dict if k.startswith("blocks.")})
+
+    def guess_timm_name(self) -> Optional[str]:
+        return KNOWN_VITS.get((self.width, self.depth))
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return checkpoint.load(path)
+
+
+def _detect_source(raw: dict[str, Any], keys: list[str]) -> str:
+    if any(k.startswith("dynamic_align.") for k in keys):
+        return "maskalign"
+    if any(k.startswith(("clip_model.", "dino_model.", "distill_")) for k in keys):
+        return "maskalign-reference"
+    if any(k.startswith(("decoder_", "mask_token")) for k in keys) or "model" in raw:
+        return "mae"
+    return "timm"
+
+
+def read_backbone(path: str) -> Backbone:
+    """The ViT backbone of any supported checkpoint file, in timm's parameter names."""
+    raw = _read_file(path)
+    state = raw.get("model", raw.get("state_dict", raw))
+    if not isinstance(state, dict) or not state:
+        raise checkpoint.CheckpointError(f"{path} holds no state dict (looked at 'model', 'state_dict' and the top level)")
+    state = {re.sub(r"^module\.", "", k): v for k, v in state.items()}
+    source = _detect_source(raw, list(state))
+    kept = {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+    dropped = sorted(k for k in state if k not in kept)
+    if "cls_token" not in kept or not any(k.startswith("blocks.") for k in kept):
+        raise checkpoint.CheckpointError(f"{path} does not look like a ViT checkpoint (no cls_token / blocks.*)")
+    args = raw.get("args") if isinstance(raw.get("args"), dict) else None
+    return Backbone(kept, source, dropped, args)
+
+
+@dataclass
+class LoadReport:
+    source: str
+    dropped: list[str]
+    missing: list[str]
+    resized_pos_embed: Optional[tuple[int, int]] = None
+
+    def summary(self) -> str:
+        parts = [f"source: {self.source}"]
+        if self.resized_pos_embed:
+            parts.append(f"pos_embed resized {self.resized_pos_embed[0]} -> {self.resized_pos_embed[1]} tokens")
+        parts.append(f"dropped {len(self.dropped)}: {_compact(self.dropped)}")
+        parts.append(f"missing {len(self.missing)}: {_compact(self.missing)}")
+        return "; ".join(parts)
+
+
+def _compact(keys: list[str]) -> str:
+    """Group keys by their first component so a report stays one readable line."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        head = k.split(".")[0]
+        groups[head] = groups.get(head, 0) + 1
+    return ", ".join(f"{g}.* ({n})" if n > 1 else g for g, n in groups.items()) or "-"
+
+
+def _check_architecture(backbone: Backbone, model: nn.Module, expected_name: str) -> None:
+    model_width, model_depth = model.embed_dim, len(model.blocks)
+    if (backbone.width, backbone.depth) != (model_width, model_depth):
+        found = backbone.guess_timm_name()
+        hint = f"; pass --model {found}" if found else ""
+        raise checkpoint.CheckpointError(f"the checkpoint is a ViT of width {backbone.width} and depth {backbone.depth} "
+                         f"(looks like {found or 'a non-standard ViT'}), but the model is {expected_name} "
+                         f"(width {model_width}, depth {model_depth}){hint}")
+
+
+def load_into(model: nn.Module, backbone: Backbone, expected_name: str = "the model") -> LoadReport:
+    """Load `backbone` into a timm ViT: resize pos_embed, drop what does not fit the head, report the rest."""
+    _check_architecture(backbone, model, expected_name)
+    state = dict(backbone.state_dict)
+    dropped = list(backbone.dropped)
+    target = model.state_dict()
+    resized = None
+    if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
+        old_len = state["pos_embed"].shape[1]
+        grid = model.patch_embed.grid_size
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid),
+                                                    num_prefix_tokens=model.num_prefix_tokens)
+        resized = (old_len, state["pos_embed"].shape[1])
+    for key in list(state):
+        if key not in target or (key.startswith(HEAD_PREFIXES) and state[key].shape != target[key].shape):
+            dropped.append(key)  # e.g. `norm.*` under global pooling, or another task's classifier
+            del state[key]
+        elif state[key].shape != target[key].shape:
+            raise checkpoint.CheckpointError(f"{key} has shape {tuple(state[key].shape)} in the checkpoint but "
+                             f"{tuple(target[key].shape)} in {expected_name}")
+    result = model.load_state_dict(state, strict=False)
+    report = LoadReport(backbone.source, sorted(dropped), sorted(result.missing_keys), resized)
+    unexpected_missing = [k for k in report.missing if not k.startswith(HEAD_PREFIXES)]
+    if unexpected_missing:
+        raise checkpoint.CheckpointError(f"the checkpoint lacks {_compact(unexpected_missing)} needed by {expected_name}")
+    logger.info("loaded pre-trained weights: %s", report.summary())
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ export
+def timm_name_for(backbone: Backbone) -> str:
+    """The timm model the student loads into: from our checkpoint's args when they say, else by shape."""
+    args = backbone.pretrain_args or {}
+    from models_maskalign import STUDENT_ARCHS  # late: importing the model registers it with timm
+    for arch, (cfg, timm_name) in STUDENT_ARCHS.items():
+        if args.get("model", "").startswith(f"maskalign_vit_{arch}") and not args.get("model_kwargs"):
+            return timm_name
+    name = backbone.guess_timm_name()
+    if name is None:
+        raise ValueError(f"cannot tell which timm ViT a width-{backbone.width} depth-{backbone.depth} checkpoint "
+                         f"is; pass --model NAME")
+    return name
+
+
+def export_timm(checkpoint_path: str, output_dir: str, model_name: Optional[str] = None,
+                **model_kwargs: Any) -> dict[str, str]:
+    """Write the student alone as `<name>.pth`, `<name>.safetensors` and `config.json`.
+
+    The files load strictly with
+    `timm.create_model(NAME, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=F, num_classes=0))`.
+    """
+    import timm
+    from safetensors.torch import save_file
+
+    backbone = read_backbone(checkpoint_path)
+    model_name = model_name or timm_name_for(backbone)
+    img_size = (backbone.pretrain_args or {}).get("input_size", 224)
+    model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img_size, **model_kwargs)
+    state = {k: v.contiguous() for k, v in backbone.state_dict.items() if not k.startswith(HEAD_PREFIXES)}
+    model.load_state_dict(state, strict=True)  # proves the export is complete and well-formed
+    os.makedirs(output_dir, exist_ok=True)
+    stem = os.path.join(output_dir, model_name.split(".")[0] + "_maskalign")
+    paths = {"pth": stem + ".pth", "safetensors": stem + ".safetensors", "config": os.path.join(output_dir, "config.json")}
+    torch.save(state, paths["pth"])
+    save_file(state, paths["safetensors"], metadata={"format": "pt"})
+    config = {"architecture": model_name, "num_classes": 0, "img_size": img_size, "model_kwargs": model_kwargs,
+              "source_checkpoint": os.path.abspath(checkpoint_path), "source_format": backbone.source,
+              "pretrain_args": backbone.pretrain_args}
+    with open(paths["config"], "w") as f:
+        json.dump(config, f, indent=2, default=str)
+    return paths
