@@ -14,7 +14,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 import numpy as np
 import torch
@@ -44,14 +44,19 @@ class TrainingInterrupted(Exception):
 
 @dataclass
 class StopSignals:
-    """SIGUSR1 asks for a checkpoint; SIGTERM for a checkpoint and a clean stop."""
+    """SIGUSR1 asks for a checkpoint; SIGTERM for a checkpoint and a clean stop.
+
+    `actions` maps each handled signal to "save" or "stop"; a launcher may remap them for its process
+    (submitit_launch.py: the preemption signal stops, SIGTERM only saves).
+    """
+    actions: ClassVar[dict[int, str]] = {signal.SIGUSR1: "save", signal.SIGTERM: "stop"}
     save: bool = False
     stop: bool = False
     _previous: dict = field(default_factory=dict)
 
     def install(self) -> "StopSignals":
-        for sig, handler in ((signal.SIGUSR1, self._on_save), (signal.SIGTERM, self._on_stop)):
-            self._previous[sig] = signal.signal(sig, handler)
+        for sig, action in self.actions.items():
+            self._previous[sig] = signal.signal(sig, self._on_stop if action == "stop" else self._on_save)
         return self
 
     def uninstall(self) -> None:
@@ -109,6 +114,8 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
     progress = metric_logger.log_every(zip(steps, batches), args.print_freq, f"Epoch: [{epoch}]",
                                        total=len(steps), batch_size=args.batch_size * env.world_size)
     optimizer.zero_grad(set_to_none=True)
+    images_per_step = args.batch_size * accum * env.world_size
+    step_start = time.time()
     for step, batch in progress:
         if step % accum == 0:
             lr = adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
@@ -128,11 +135,13 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
         grad_norm = _optimizer_step(optimizer, params, ctx)
         if ctx.after_optimizer_step:
             ctx.after_optimizer_step()
+        now = time.time()
+        img_s, step_start = images_per_step / max(now - step_start, 1e-9), now
         metric_logger.update(loss=loss_value, lr=lr, grad_norm=grad_norm, **metrics)
         global_step = epoch * steps_per_epoch + step + 1
         epoch_1000x = int((step + 1) / steps_per_epoch * 1000 + epoch * 1000)
         ctx.writer.scalars({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
-                            **{f"train/{k}": v for k, v in metrics.items()}}, epoch_1000x)
+                            "train/img_s": img_s, **{f"train/{k}": v for k, v in metrics.items()}}, epoch_1000x)
         _maybe_checkpoint(ctx, epoch, step + 1, global_step)
     return metric_logger.averages()
 

@@ -46,6 +46,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> models_maskalign.MaskAlignViT:
+    """The model the flags describe; a teacher that cannot be built or cannot match the student ends the
+    run with its message (exit code 1), not a traceback."""
+    try:
+        return _build_model(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+def _build_model(args: argparse.Namespace) -> models_maskalign.MaskAlignViT:
     return models_maskalign.__dict__[args.model](
         teacher=args.teacher, teacher_weights=args.teacher_weights, teacher_kwargs=args.teacher_kwargs,
         img_size=args.input_size,

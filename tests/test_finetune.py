@@ -254,3 +254,19 @@ def test_lars_scales_matrix_updates_by_trust_ratio():
     step_w = (layer.weight.detach() - w0).norm()
     torch.testing.assert_close(step_w, 0.5 * 0.001 * w0.norm())  # |update| = lr * eta * |w|, whatever |g| is
     torch.testing.assert_close(layer.bias.detach(), b0 - 0.5 * g_bias)  # 1-D params: plain SGD
+
+
+def test_reference_checkpoint_exports_to_timm(tmp_path):
+    sd = dict(student_keys())
+    sd.update({"dino_model.embeddings.cls_token": torch.zeros(1, 1, 48), "distill_weights": torch.eye(2) + 0.01})
+    torch.save({"model": sd}, tmp_path / "ref.pth")
+    assert export_timm.main([str(tmp_path / "ref.pth"), str(tmp_path / "out"), *TINY_VIT_FLAGS]) == 0
+    exported = torch.load(tmp_path / "out" / "vit_tiny_patch16_224_maskalign.pth", weights_only=True)
+    assert exported.keys() == student_keys().keys()
+    assert json.load(open(tmp_path / "out" / "config.json"))["source_format"] == "maskalign-reference"
+
+
+def test_export_of_wrong_architecture_fails_cleanly(tmp_path, capsys):
+    torch.save({"model": student_keys()}, tmp_path / "c.pth")
+    assert export_timm.main([str(tmp_path / "c.pth"), str(tmp_path / "out")]) == 1  # width 64: no known ViT
+    assert "pass --model" in capsys.readouterr().err

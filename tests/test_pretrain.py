@@ -213,3 +213,19 @@ def test_paper_defaults():
     assert (args.blr, args.weight_decay, args.epochs, args.warmup_epochs, args.drop_path, args.mask_ratio) == \
         (1.5e-4, 0.05, 200, 20.0, 0.1, 0.7)
     assert args.amp == "none" and args.batch_size * 8 == 1024
+
+
+def test_unknown_teacher_is_a_flag_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_pretrain.run(["--teacher", "clip-please", "--device", "cpu"])
+    assert exc.value.code == 2 and "unknown teacher" in capsys.readouterr().err
+
+
+def test_teacher_that_cannot_be_built_exits_with_message(data_dir, tmp_path):
+    with pytest.raises(SystemExit) as exc:  # a hub tag while offline (HF_HUB_OFFLINE=1 in tests)
+        run(data_dir, tmp_path, "openai", "--teacher", "open_clip:ViT-B-16", "--teacher_kwargs")
+    assert "--teacher_weights" in str(exc.value.code)
+
+
+def test_torch_distributed_launch_local_rank_flag_is_accepted():
+    assert main_pretrain.parse_args(["--local-rank=0", "--device", "cpu"]).local_rank == 0

@@ -15,6 +15,7 @@ import torch
 
 from util.alignment import ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS
 from util.masking import MASK_TYPES
+from util.teachers import resolve_teacher_spec
 
 AMP_CHOICES = ("bf16", "fp16", "none")
 
@@ -92,6 +93,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epoch
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dist_timeout_min", type=int, default=30, help="collective timeout before ranks give up")
+    # torch.distributed.launch (and older MAE scripts) pass this; torchrun's LOCAL_RANK is what we read
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def add_maskalign_args(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +147,11 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    if hasattr(args, "teacher"):
+        try:
+            resolve_teacher_spec(args.teacher, args.teacher_weights)
+        except ValueError as e:
+            parser.error(str(e))
     if args.amp is None:
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
     if args.warmup_epochs is None:

@@ -54,15 +54,15 @@ class MetricLogger:
                   batch_size: int) -> Iterator:
         """Yields from `iterable`, logging progress with ETA and img/s every `print_freq` iterations."""
         start = last = time.time()
+        last_done = 0
         for i, item in enumerate(iterable):
             yield item
-            if i % print_freq == 0 or i == total - 1:
+            done = i + 1
+            if i % print_freq == 0 or done == total:
                 now = time.time()
-                done = i + 1
-                per_iter = (now - start) / done
-                eta = datetime.timedelta(seconds=int(per_iter * (total - done)))
-                img_s = batch_size * min(print_freq, done) / max(now - last, 1e-9) if i else batch_size / max(now - start, 1e-9)
-                last = now
+                eta = datetime.timedelta(seconds=int((now - start) / done * (total - done)))
+                img_s = batch_size * (done - last_done) / max(now - last, 1e-9)
+                last, last_done = now, done
                 meters = self.delimiter.join(f"{k}: {v}" for k, v in self.meters.items())
                 logger.info("%s [%d/%d]  eta: %s  %s  img/s: %.1f", header, done, total, eta, meters, img_s)
         logger.info("%s done in %s", header, datetime.timedelta(seconds=int(time.time() - start)))

@@ -49,6 +49,12 @@ class Backbone:
     def depth(self) -> int:
         return len({k.split(".")[1] for k in self.state_dict if k.startswith("blocks.")})
 
+    @property
+    def image_size(self) -> int:
+        """The input size the position embedding was made for (square grid, one [CLS] token)."""
+        grid = round((self.state_dict["pos_embed"].shape[1] - 1) ** 0.5)
+        return grid * self.state_dict["patch_embed.proj.weight"].shape[-1]
+
     def guess_timm_name(self) -> Optional[str]:
         return KNOWN_VITS.get((self.width, self.depth))
 
@@ -177,7 +183,7 @@ def export_timm(checkpoint_path: str, output_dir: str, model_name: Optional[str]
 
     backbone = read_backbone(checkpoint_path)
     model_name = model_name or timm_name_for(backbone)
-    img_size = (backbone.pretrain_args or {}).get("input_size", 224)
+    img_size = backbone.image_size
     model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img_size, **model_kwargs)
     state = {k: v.contiguous() for k, v in backbone.state_dict.items() if not k.startswith(HEAD_PREFIXES)}
     model.load_state_dict(state, strict=True)  # proves the export is complete and well-formed
