@@ -11,7 +11,7 @@ from PIL import Image
 import export_timm
 import main_finetune
 import main_pretrain
-from tests.test_pretrain import pretrain_argv, teacher_file  # noqa: F401  (fixture)
+from tiny import pretrain_argv
 from util import checkpoint
 from util.optim import LARS, param_groups_layer_decay
 from util.pretrained import load_into, read_backbone
@@ -44,7 +44,7 @@ def labelled(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pretrained_ckpt(tmp_path_factory, teacher_file, labelled):  # noqa: F811
+def pretrained_ckpt(tmp_path_factory, teacher_file, labelled):
     out = tmp_path_factory.mktemp("pretrain")
     assert main_pretrain.run(pretrain_argv(labelled, out, teacher_file, "--epochs", "1")) == 0
     return str(out / "checkpoint-0.pth")

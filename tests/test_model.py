@@ -4,7 +4,6 @@ import itertools
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import models_maskalign
 from models_maskalign import MaskAlignConfig, MaskAlignViT, create_maskalign

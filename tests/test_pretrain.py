@@ -7,63 +7,17 @@ import sys
 
 import numpy as np
 import pytest
-import timm
 import torch
-from PIL import Image
 
 import main_pretrain
+from tiny import assert_same_weights, make_images, pretrain_argv, weights
 from util import checkpoint
 
-TINY_TEACHER = dict(depth=3, embed_dim=48, num_heads=3)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "vit_tiny.pth"
-    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_TEACHER).state_dict(), path)
-    return str(path)
-
-
-def make_images(root, n=24, size=40, seed=0):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        cls = root / "train" / f"class{i % 2}"
-        cls.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(cls / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(make_images(tmp_path_factory.mktemp("data")))
-
-
-def pretrain_argv(data, out, teacher_file, *extra):
-    return ["--model", "maskalign_vit_tiny_patch16", "--teacher", "timm:vit_tiny_patch16_224",
-            "--teacher_weights", teacher_file, "--data_path", str(data), "--output_dir", str(out),
-            "--input_size", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--blr", "1e-2",
-            "--num_workers", "0", "--device", "cpu", "--top_k", "3", "--print_freq", "100",
-            "--model_kwargs", "depth=2", "embed_dim=64", "num_heads=2",
-            "--teacher_kwargs", *[f"{k}={v}" for k, v in TINY_TEACHER.items()], *extra]
 
 
 def run(data, out, teacher_file, *extra):
     return main_pretrain.run(pretrain_argv(data, out, teacher_file, *extra))
-
-
-def weights(out):
-    return checkpoint.load(os.path.join(out, checkpoint.LATEST))["model"]
-
-
-def assert_same_weights(a, b, exact=True):
-    assert a.keys() == b.keys()
-    for k in a:
-        if exact:
-            assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_tiny_run_writes_checkpoints_and_logs(data_dir, tmp_path, teacher_file):

@@ -1,0 +1,43 @@
+"""Tiny CPU pre-training setups shared by the test modules: a 3-block teacher, a 2-block student, 32 px images."""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from util import checkpoint
+
+TINY_TEACHER = dict(depth=3, embed_dim=48, num_heads=3)
+
+
+def make_images(root, n=24, size=40, seed=0):
+    """An ImageFolder of random RGB images under root/train (two classes)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        cls = root / "train" / f"class{i % 2}"
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(cls / f"{i}.png")
+    return root
+
+
+def pretrain_argv(data, out, teacher_file, *extra):
+    """main_pretrain flags for a 2-epoch, 6-steps-per-epoch run of the tiny setup."""
+    return ["--model", "maskalign_vit_tiny_patch16", "--teacher", "timm:vit_tiny_patch16_224",
+            "--teacher_weights", teacher_file, "--data_path", str(data), "--output_dir", str(out),
+            "--input_size", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--blr", "1e-2",
+            "--num_workers", "0", "--device", "cpu", "--top_k", "3", "--print_freq", "100",
+            "--model_kwargs", "depth=2", "embed_dim=64", "num_heads=2",
+            "--teacher_kwargs", *[f"{k}={v}" for k, v in TINY_TEACHER.items()], *extra]
+
+
+def weights(out):
+    return checkpoint.load(os.path.join(out, checkpoint.LATEST))["model"]
+
+
+def assert_same_weights(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
