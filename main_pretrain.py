@@ -19,7 +19,7 @@ from engine import Task, fit, run_main, setup
 from util import args as cli
 from util.datasets import build_dataset, build_pretrain_transform
 from util.demo import DEMO_DEFAULTS, prepare_demo_data, prepare_demo_teacher
-from util.distributed import DistEnv
+from util.distributed import DistEnv, barrier
 from util.metrics import TensorboardWriter
 from util.optim import param_groups_weight_decay
 from util.sampler import PerSampleSeeded
@@ -70,16 +70,19 @@ def pretrain_forward(model, batch):
 
 
 def prepare_demo(args: argparse.Namespace, env: DistEnv) -> None:
-    root = os.path.join(args.output_dir, "demo_data")
-    if args.data_path is None:
-        args.data_path = root
-    if args.teacher_weights is None and args.teacher == DEMO_DEFAULTS["teacher"]:
+    """Fill in what --demo leaves open: the shipped images and, for the demo teacher, its local weights."""
+    make_data = args.data_path is None
+    make_teacher = args.teacher_weights is None and args.teacher == DEMO_DEFAULTS["teacher"]
+    if make_data:
+        args.data_path = os.path.join(args.output_dir, "demo_data")
+    if make_teacher:
         args.teacher_weights = os.path.join(args.output_dir, "demo_teacher.pth")
     if env.is_main:
-        prepare_demo_data(root, args.seed)
-        if args.teacher_weights.startswith(args.output_dir):
+        if make_data:
+            prepare_demo_data(args.data_path, args.seed)
+        if make_teacher:
             prepare_demo_teacher(args.teacher_weights, args.seed)
-    torch.distributed.barrier() if env.enabled else None
+    barrier()  # the other ranks read what rank 0 wrote
 
 
 def alignment_matrix_image(model: models_maskalign.MaskAlignViT) -> Optional[torch.Tensor]:

@@ -183,3 +183,14 @@ def test_teacher_that_cannot_be_built_exits_with_message(data_dir, tmp_path):
 
 def test_torch_distributed_launch_local_rank_flag_is_accepted():
     assert main_pretrain.parse_args(["--local-rank=0", "--device", "cpu"]).local_rank == 0
+
+
+def test_demo_preset_prepares_data_and_teacher(tmp_path, monkeypatch):
+    monkeypatch.setattr("util.demo.CROPS_PER_IMAGE", 2)
+    argv = ["--demo", "--output_dir", str(tmp_path), "--epochs", "1", "--num_workers", "0", "--batch_size", "8"]
+    args = main_pretrain.parse_args(argv)
+    assert (args.model, args.input_size, args.device) == ("maskalign_vit_tiny_patch16", 64, "cpu")
+    assert main_pretrain.run(argv) == 0
+    images = os.listdir(tmp_path / "demo_data" / "train" / "skimage")
+    assert len(images) >= 20  # two crops of each photograph scikit-image ships
+    assert {"demo_teacher.pth", "checkpoint-latest.pth", "log.txt"} <= set(os.listdir(tmp_path))
