@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from util import checkpoint
 from util.datasets import TooManyBadSamplesError
-from util.distributed import DistEnv, all_reduce_sum, destroy, init_distributed
+from util.distributed import DistEnv, all_reduce_sum, barrier, destroy, init_distributed
 from util.lr_sched import adjust_learning_rate
 from util.metrics import MetricLogger, TensorboardWriter, setup_logging
 from util.sampler import PerSampleSeeded, ResumableDistributedSampler
@@ -46,12 +46,17 @@ class TrainingInterrupted(Exception):
 class StopSignals:
     """SIGUSR1 asks for a checkpoint; SIGTERM for a checkpoint and a clean stop.
 
+    Handlers only raise *pending* requests, whenever the signal lands. Each micro-step hands the pending
+    requests to one all-reduce, and the loop acts only on the *agreed* result, which is the same on every rank
+    at every step boundary even when the signal reached the ranks at different moments.
     `actions` maps each handled signal to "save" or "stop"; a launcher may remap them for its process
     (submitit_launch.py: the preemption signal stops, SIGTERM only saves).
     """
     actions: ClassVar[dict[int, str]] = {signal.SIGUSR1: "save", signal.SIGTERM: "stop"}
-    save: bool = False
-    stop: bool = False
+    pending_save: bool = False
+    pending_stop: bool = False
+    agreed_save: bool = False
+    agreed_stop: bool = False
     _previous: dict = field(default_factory=dict)
 
     def install(self) -> "StopSignals":
@@ -64,13 +69,18 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def take_pending(self) -> tuple[bool, bool]:
+        """The requests to put to the vote; a save request is consumed, a stop request stays."""
+        save, self.pending_save = self.pending_save, False
+        return save, self.pending_stop
+
     def _on_save(self, signum, frame) -> None:
         logger.warning("signal %d: checkpoint at the next step", signum)
-        self.save = True
+        self.pending_save = True
 
     def _on_stop(self, signum, frame) -> None:
         logger.warning("signal %d: checkpoint and stop at the next step", signum)
-        self.stop = True
+        self.pending_stop = True
 
 
 @dataclass
@@ -121,18 +131,19 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
             lr = adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
         seed_step(args.seed, env.rank, epoch, step)
         batch = [t.to(ctx.device, non_blocking=True) for t in batch]
-        with autocast(args, ctx.device):
-            loss, metrics = forward_fn(model, batch)
-        loss_value = _check_loss(loss, ctx, epoch, step)
         boundary = (step + 1) % accum == 0
+        # DDP decides in forward whether backward all-reduces: no_sync must cover both
         sync = contextlib.nullcontext() if boundary or not isinstance(model, DistributedDataParallel) \
             else model.no_sync()
         with sync:
+            with autocast(args, ctx.device):
+                loss, metrics = forward_fn(model, batch)
+            loss_value = _check_loss(loss, ctx, epoch, step)
             scaled = loss / accum
             (ctx.scaler.scale(scaled) if ctx.scaler else scaled).backward()
         if not boundary:
             continue
-        grad_norm = _optimizer_step(optimizer, params, ctx)
+        grad_norm = _optimizer_step(optimizer, params, ctx, epoch, step)
         if ctx.after_optimizer_step:
             ctx.after_optimizer_step()
         now = time.time()
@@ -142,32 +153,41 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
         epoch_1000x = int((step + 1) / steps_per_epoch * 1000 + epoch * 1000)
         ctx.writer.scalars({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
                             "train/img_s": img_s, **{f"train/{k}": v for k, v in metrics.items()}}, epoch_1000x)
-        _maybe_checkpoint(ctx, epoch, step + 1, global_step)
+        if step + 1 < steps_per_epoch:  # the epoch's end is checkpointed by `fit`, after its evaluation
+            _maybe_checkpoint(ctx, epoch, step + 1, global_step)
     return metric_logger.averages()
 
 
 def _check_loss(loss: torch.Tensor, ctx: LoopContext, epoch: int, step: int) -> float:
-    """All-reduce (loss, save, stop) in one collective, so every rank decides the same thing."""
-    flags = torch.tensor([loss.detach().float().item(), float(ctx.signals.save), float(ctx.signals.stop)],
+    """All-reduce (loss, save request, stop request) in one collective, so every rank decides the same thing."""
+    save, stop = ctx.signals.take_pending()
+    flags = torch.tensor([loss.detach().float().item(), float(save), float(stop)],
                          dtype=torch.float64, device=ctx.device)
     all_reduce_sum(flags)
-    ctx.signals.save, ctx.signals.stop = bool(flags[1] > 0), bool(flags[2] > 0)
+    ctx.signals.agreed_save |= bool(flags[1] > 0)
+    ctx.signals.agreed_stop |= bool(flags[2] > 0)
     if not math.isfinite(flags[0].item()):
         raise NonFiniteLossError(
             f"non-finite loss at epoch {epoch}, step {step} (local value {loss.item()}); stopping every rank. "
-            f"The last checkpoint in {ctx.args.output_dir} is intact: lower --blr, set --clip_grad, "
-            f"or try --amp bf16/none, then rerun to resume from it.")
+            f"{_INTACT_ADVICE.format(ctx.args.output_dir)}")
     return flags[0].item() / ctx.env.world_size
 
 
-def _optimizer_step(optimizer, params: list, ctx: LoopContext) -> float:
+_INTACT_ADVICE = ("The last checkpoint in {} is intact: lower --blr, set --clip_grad, or try --amp bf16/none, "
+                  "then rerun to resume from it.")
+
+
+def _optimizer_step(optimizer, params: list, ctx: LoopContext, epoch: int, step: int) -> float:
     if ctx.scaler:
         ctx.scaler.unscale_(optimizer)
     max_norm = ctx.args.clip_grad if ctx.args.clip_grad is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    if ctx.scaler:
+    if ctx.scaler:  # fp16: an inf/nan gradient makes the scaler skip the step and lower its scale
         ctx.scaler.step(optimizer)
         ctx.scaler.update()
+    elif not math.isfinite(grad_norm):  # same value on every rank: gradients are already all-reduced
+        raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch}, step {step}; the step was not "
+                                 f"applied. {_INTACT_ADVICE.format(ctx.args.output_dir)}")
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -175,13 +195,19 @@ def _optimizer_step(optimizer, params: list, ctx: LoopContext) -> float:
 
 
 def _maybe_checkpoint(ctx: LoopContext, epoch: int, next_step: int, global_step: int) -> None:
-    """At an optimizer-step boundary: on a signal (all ranks agree) or when the timer is due (rank 0 writes)."""
+    """Within an epoch, at an optimizer-step boundary: on an agreed signal, or when the timer is due
+    (only rank 0 writes, so its timer alone matters)."""
     due = time.time() - ctx.last_save >= ctx.args.save_interval_min * 60
-    if ctx.signals.save or ctx.signals.stop or due:
+    if ctx.signals.agreed_save or ctx.signals.agreed_stop or due:
         ctx.save_latest(epoch, next_step, global_step)
         ctx.last_save = time.time()
-        ctx.signals.save = False
-    if ctx.signals.stop:
+        ctx.signals.agreed_save = False
+    _stop_if_agreed(ctx, epoch, next_step)
+
+
+def _stop_if_agreed(ctx: LoopContext, epoch: int, next_step: int) -> None:
+    if ctx.signals.agreed_stop:
+        barrier()  # no rank leaves (and gets its job torn down) before rank 0 has written the checkpoint
         raise TrainingInterrupted(f"stopped by signal at epoch {epoch}, step {next_step}; "
                                   f"rerun the same command to resume")
 
@@ -248,11 +274,13 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
     start_epoch, start_step = args.start_epoch, 0
-    resume = args.resume or checkpoint.find_resume(args.output_dir)
+    resume = checkpoint.choose_resume(args.resume, args.output_dir)
     if resume:
-        start_epoch, start_step, extra = checkpoint.restore_training_state(resume, task.model, task.optimizer, scaler)
+        start_epoch, start_step, ckpt = checkpoint.restore_training_state(resume, task.model, task.optimizer, scaler)
+        start_step = checkpoint.step_for_batch(ckpt, start_step, args.batch_size, env.world_size)
+        start_step -= start_step % args.accum_iter  # continue at an optimizer-step boundary
         if task.load_extra_state:
-            task.load_extra_state(extra)
+            task.load_extra_state(ckpt)
 
     def save_latest(epoch: int, next_step: int, global_step: int) -> None:
         if not env.is_main:
@@ -261,7 +289,8 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
         state = checkpoint.training_state(
             task.model, task.optimizer, scaler, args, epoch_done=epoch if finished else epoch - 1,
             resume_epoch=epoch + 1 if finished else epoch, resume_step=0 if finished else next_step,
-            global_step=global_step, extra=task.extra_state() if task.extra_state else None)
+            global_step=global_step, world_size=env.world_size,
+            extra=task.extra_state() if task.extra_state else None)
         checkpoint.save_atomic(state, os.path.join(args.output_dir, checkpoint.LATEST))
         if finished and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
             checkpoint.save_atomic(state, checkpoint.numbered_path(args.output_dir, epoch))
@@ -283,8 +312,10 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
             start_step = 0
             extra_log = task.end_of_epoch(epoch, writer) if task.end_of_epoch else {}
             save_latest(epoch, steps_per_epoch, (epoch + 1) * steps_per_epoch)
+            ctx.last_save = time.time()
             _log_epoch(args, env, writer, {**{f"train_{k}": v for k, v in stats.items()}, **extra_log,
                                            "epoch": epoch, "bad_images": task.dataset.num_bad})
+            _stop_if_agreed(ctx, epoch, steps_per_epoch)
     finally:
         ctx.signals.uninstall()
         writer.close()

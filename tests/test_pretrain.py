@@ -154,6 +154,11 @@ def test_bad_flags_exit_2_before_any_model(flags, message, capsys, monkeypatch):
     assert message in capsys.readouterr().err
 
 
+def test_reference_fusion_type_linear_is_the_reference_computation():
+    assert main_pretrain.parse_args(["--fusion_type", "linear", "--device", "cpu"]).align == "official"
+    assert main_pretrain.parse_args(["--device", "cpu"]).align == "dynamic"
+
+
 def test_reference_flag_aliases():
     args = main_pretrain.parse_args(["--mask_type", "attention", "--fusion_type", "simple", "--target_norm",
                                      "whiten", "--loss_type", "smoothl1", "--loss_weights", "top3", "--head_type",
@@ -194,3 +199,44 @@ def test_demo_preset_prepares_data_and_teacher(tmp_path, monkeypatch):
     images = os.listdir(tmp_path / "demo_data" / "train" / "skimage")
     assert len(images) >= 20  # two crops of each photograph scikit-image ships
     assert {"demo_teacher.pth", "checkpoint-latest.pth", "log.txt"} <= set(os.listdir(tmp_path))
+
+
+def test_stop_at_the_last_step_of_an_epoch_keeps_its_end_of_epoch_work(data_dir, tmp_path, teacher_file,
+                                                                        monkeypatch):
+    calls = {"n": 0}
+    original = main_pretrain.pretrain_forward
+
+    def sigterm_at_last_step(model, batch):  # 6 steps per epoch: call 6 is epoch 0's last step
+        calls["n"] += 1
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(model, batch)
+
+    monkeypatch.setattr(main_pretrain, "pretrain_forward", sigterm_at_last_step)
+    assert run(data_dir, tmp_path, teacher_file) == 143
+    assert [json.loads(l)["epoch"] for l in open(tmp_path / "log.txt")] == [0]  # epoch 0 was logged
+    state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
+    assert (state["resume_epoch"], state["resume_step"]) == (1, 0)
+    monkeypatch.setattr(main_pretrain, "pretrain_forward", original)
+    assert run(data_dir, tmp_path, teacher_file) == 0
+    assert [json.loads(l)["epoch"] for l in open(tmp_path / "log.txt")] == [0, 1]
+
+
+def test_non_finite_gradient_with_finite_loss_stops_before_the_update(data_dir, tmp_path, teacher_file,
+                                                                      monkeypatch):
+    calls = {"n": 0}
+    original = main_pretrain.pretrain_forward
+
+    def nan_gradient_at_step_4(model, batch):
+        calls["n"] += 1
+        loss, metrics = original(model, batch)
+        if calls["n"] == 4:
+            loss = loss + 0.0 * model.cls_token.sum()
+            model.cls_token.register_hook(lambda g: g * float("nan"))
+        return loss, metrics
+
+    monkeypatch.setattr(main_pretrain, "pretrain_forward", nan_gradient_at_step_4)
+    assert run(data_dir, tmp_path, teacher_file, "--save_interval_min", "0") == 1
+    state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
+    assert state["resume_step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

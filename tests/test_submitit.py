@@ -325,9 +325,9 @@ def test_signal_policy_in_a_submitit_job():
         signals = engine.StopSignals().install()
         try:
             signal.raise_signal(signal.SIGTERM)
-            assert (signals.save, signals.stop) == (True, False)
+            assert (signals.pending_save, signals.pending_stop) == (True, False)
             signal.raise_signal(usr2)
-            assert signals.stop
+            assert signals.pending_stop
         finally:
             signals.uninstall()
     assert engine.StopSignals.actions == {signal.SIGUSR1: "save", signal.SIGTERM: "stop"}

@@ -1,0 +1,93 @@
+"""engine.py in isolation: signal agreement across ranks, DDP accumulation, resume position (issue #3)."""
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import engine
+from util import checkpoint
+from util.distributed import DistEnv
+from util.metrics import TensorboardWriter
+
+
+def loop_context(tmp_path, saves, **args):
+    defaults = dict(accum_iter=1, save_interval_min=60.0, output_dir=str(tmp_path), print_freq=100, batch_size=2,
+                    seed=0, amp="none", clip_grad=None, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1)
+    return engine.LoopContext(args=SimpleNamespace(**{**defaults, **args}), env=DistEnv(), device=torch.device("cpu"),
+                              writer=TensorboardWriter(None, False), signals=engine.StopSignals(),
+                              save_latest=lambda epoch, step, g: saves.append((epoch, step)))
+
+
+def test_a_signal_landing_after_the_vote_waits_for_the_next_step(tmp_path):
+    """Ranks act on the all-reduced vote only, so a signal that reached one rank mid-step (after that step's
+    all-reduce) cannot make it stop alone: every rank stops together one step later."""
+    saves = []
+    ctx = loop_context(tmp_path, saves)
+    engine._check_loss(torch.tensor(1.0), ctx, epoch=0, step=0)  # this step's vote: nothing pending
+    ctx.signals._on_stop(signal.SIGTERM, None)  # lands during backward / the optimizer step
+    engine._maybe_checkpoint(ctx, epoch=0, next_step=1, global_step=1)  # not agreed yet: no stop here
+    assert saves == []
+    engine._check_loss(torch.tensor(1.0), ctx, epoch=0, step=1)  # next vote carries it
+    with pytest.raises(engine.TrainingInterrupted):
+        engine._maybe_checkpoint(ctx, epoch=0, next_step=2, global_step=2)
+    assert saves == [(0, 2)]
+
+
+def test_a_save_request_is_honoured_once(tmp_path):
+    saves = []
+    ctx = loop_context(tmp_path, saves)
+    ctx.signals._on_save(signal.SIGUSR1, None)
+    for step in range(3):
+        engine._check_loss(torch.tensor(1.0), ctx, epoch=0, step=step)
+        engine._maybe_checkpoint(ctx, epoch=0, next_step=step + 1, global_step=step + 1)
+    assert saves == [(0, 1)]
+
+
+@pytest.fixture
+def single_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_accumulation_all_reduces_only_on_the_last_micro_step(single_rank_group, tmp_path):
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(4, 1))
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(1)
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    model.register_comm_hook(None, counting_hook)
+    ctx = loop_context(tmp_path, [], accum_iter=4)
+    batches = [(torch.randn(2, 4),) for _ in range(8)]
+    engine.train_one_epoch(model, lambda m, b: (m(b[0]).pow(2).mean(), {}), batches,
+                           torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, start_step=0, steps_per_epoch=8,
+                           ctx=ctx)
+    assert len(calls) == 2  # 8 micro-steps, accumulation 4: two all-reduces, not eight
+
+
+def test_step_for_batch_keeps_the_sample_position():
+    ckpt = {"args": {"batch_size": 4}, "world_size": 2}
+    assert checkpoint.step_for_batch(ckpt, 6, batch_size=4, world_size=2) == 6
+    assert checkpoint.step_for_batch(ckpt, 6, batch_size=8, world_size=1) == 6   # 48 samples either way
+    assert checkpoint.step_for_batch(ckpt, 6, batch_size=16, world_size=2) == 1  # 48 // 32, 16 seen again
+    assert checkpoint.step_for_batch({"args": {}}, 5, batch_size=4, world_size=1) == 5  # older checkpoints
+
+
+def test_the_runs_own_latest_checkpoint_wins_over_resume(tmp_path):
+    other = tmp_path / "elsewhere.pth"
+    assert checkpoint.choose_resume(str(other), str(tmp_path)) == str(other)  # nothing of this run yet
+    latest = tmp_path / checkpoint.LATEST
+    latest.write_bytes(b"")
+    assert checkpoint.choose_resume(str(other), str(tmp_path)) == str(latest)
+    assert checkpoint.choose_resume("", str(tmp_path)) == str(latest)
+    assert checkpoint.choose_resume("", None) is None
+    assert os.path.exists(latest)
