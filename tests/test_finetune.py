@@ -270,3 +270,16 @@ def test_export_of_wrong_architecture_fails_cleanly(tmp_path, capsys):
     torch.save({"model": student_keys()}, tmp_path / "c.pth")
     assert export_timm.main([str(tmp_path / "c.pth"), str(tmp_path / "out")]) == 1  # width 64: no known ViT
     assert "pass --model" in capsys.readouterr().err
+
+
+def test_checkpoint_with_namespace_args_loads(labelled, tmp_path):
+    """MAE's and the reference code's save_model store args as an argparse.Namespace."""
+    import argparse
+    sd = dict(student_keys())
+    sd["distill_weights"] = torch.eye(2) + 0.01
+    torch.save({"model": sd, "epoch": 199, "args": argparse.Namespace(model="mae_vit_base_patch16", blr=1.5e-4)},
+               tmp_path / "ref.pth")
+    backbone = read_backbone(str(tmp_path / "ref.pth"))
+    assert backbone.pretrain_args == {"model": "mae_vit_base_patch16", "blr": 1.5e-4}
+    assert main_finetune.run(finetune_argv(labelled, tmp_path / "ft", "--finetune", str(tmp_path / "ref.pth"),
+                                           "--epochs", "1")) == 0

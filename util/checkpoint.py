@@ -4,6 +4,7 @@ resumption needs (`resume_epoch`, `resume_step`, `global_step`).
 Written atomically (temp file + rename) so a job killed mid-write never leaves a corrupt file, and loaded
 with `weights_only=True` so a checkpoint cannot run code.
 """
+import argparse
 import glob
 import logging
 import os
@@ -28,12 +29,18 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
     os.replace(tmp, path)
 
 
+# MAE's and the reference MaskAlign code's `save_model` store `args` as an argparse.Namespace: a plain
+# attribute bag, safe to rebuild, so it is the one class allowed beyond tensors and containers.
+_SAFE_CLASSES = [argparse.Namespace]
+
+
 def load(path: str) -> dict[str, Any]:
     """Tensors and plain containers only; anything that would need pickle to run code is refused."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects that are not plain tensors/containers "
@@ -56,8 +63,17 @@ def find_resume(output_dir: Optional[str]) -> Optional[str]:
     return max(numbered)[1] if numbered else None
 
 
+def choose_resume(resume: str, output_dir: Optional[str]) -> Optional[str]:
+    """This run's own checkpoint-latest wins over --resume: rerunning (or requeueing) the same command must
+    continue where it stopped, not go back to the file it first started from."""
+    latest = find_resume(output_dir)
+    if resume and latest and os.path.abspath(latest) != os.path.abspath(resume):
+        logger.warning("resuming from %s, the latest checkpoint of this run, not --resume %s", latest, resume)
+    return latest or resume or None
+
+
 def training_state(model, optimizer, scaler, args, *, epoch_done: int, resume_epoch: int, resume_step: int,
-                   global_step: int, extra: Optional[dict] = None) -> dict[str, Any]:
+                   global_step: int, world_size: int, extra: Optional[dict] = None) -> dict[str, Any]:
     """`epoch` keeps MAE's meaning (last completed epoch, so MAE's loader resumes at epoch + 1).
 
     `extra` holds task state (e.g. `model_ema`, `max_accuracy`) stored at the top level.
@@ -71,6 +87,7 @@ def training_state(model, optimizer, scaler, args, *, epoch_done: int, resume_ep
         "resume_epoch": resume_epoch,
         "resume_step": resume_step,
         "global_step": global_step,
+        "world_size": world_size,
         "args": dict(vars(args)),
     }
 
@@ -91,3 +108,20 @@ def restore_training_state(path: str, model, optimizer, scaler) -> tuple[int, in
     step = ckpt.get("resume_step", 0)
     logger.info("resumed from %s at epoch %d, step %d", path, epoch, step)
     return epoch, step, ckpt
+
+
+def step_for_batch(ckpt: dict[str, Any], step: int, batch_size: int, world_size: int) -> int:
+    """Where to continue an epoch when the per-rank batch or the number of ranks changed since `ckpt`.
+
+    The ranks shard one permutation, so `step` micro-steps covered its first step * batch * world samples.
+    The new run starts at the step that covers as many (rounded down: a few samples are seen twice).
+    """
+    old_batch = ckpt.get("args", {}).get("batch_size", batch_size)
+    old_world = ckpt.get("world_size", world_size)
+    consumed = step * old_batch * old_world
+    new_step, leftover = divmod(consumed, batch_size * world_size)
+    if (old_batch, old_world) != (batch_size, world_size):
+        logger.warning("batch %d x %d ranks -> %d x %d since the checkpoint: continuing the epoch at step %d%s",
+                       old_batch, old_world, batch_size, world_size, new_step,
+                       f" ({leftover} samples seen again)" if leftover else "")
+    return new_step

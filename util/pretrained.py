@@ -9,6 +9,7 @@
 `load_into` then fits them to a timm ViT (position embedding interpolated to its grid, a mismatched head
 dropped) and reports what was dropped or left missing. Everything is read with `weights_only=True`.
 """
+import argparse
 import json
 import logging
 import os
@@ -88,7 +89,8 @@ def read_backbone(path: str) -> Backbone:
     dropped = sorted(k for k in state if k not in kept)
     if "cls_token" not in kept or not any(k.startswith("blocks.") for k in kept):
         raise checkpoint.CheckpointError(f"{path} does not look like a ViT checkpoint (no cls_token / blocks.*)")
-    args = raw.get("args") if isinstance(raw.get("args"), dict) else None
+    args = raw.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else None
     return Backbone(kept, source, dropped, args)
 
 

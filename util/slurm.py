@@ -3,9 +3,9 @@
 `TrainingJob` is the pickled callable. In the job it
 1. exports torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) derived from
    `submitit.JobEnvironment()`, so the entry point's `init_distributed` runs exactly as under torchrun;
-2. points `--resume` at the newest checkpoint of its `--output_dir` when there is one (checkpoint-latest.pth):
-   a requeued job, whether requeued by submitit or by SLURM itself, continues from the exact iteration, whatever
-   `--resume` the first submission had (`--eval` jobs keep theirs);
+2. relies on the entry points' resume rule (`util.checkpoint.choose_resume`): the newest checkpoint of its
+   `--output_dir` wins over any `--resume` of the first submission, so a requeued job, whether requeued by
+   submitit or by SLURM itself, continues from the exact iteration;
 3. runs the task's entry point (`run(argv) -> exit code`) under the submitit signal policy below, and hands a
    preempted / timed-out run to submitit's own requeue once the loop has saved and stopped.
 
@@ -140,7 +140,6 @@ class TrainingJob:
         job_env = submitit.JobEnvironment()
         os.environ.update(torchrun_env(job_env))
         argv = [expand_job_tags(a, job_env.job_id) for a in self.argv]
-        argv += self._resume_argv(argv)
         module = entry_point(self.task)
         logger.info("%s: running %s.run(%s)", job_env, module.__name__, argv)
         preempt = preempt_signal()
@@ -157,23 +156,9 @@ class TrainingJob:
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit (rank 0) before requeueing. The loop has already written checkpoint-latest
         (or, if preempted outside the loop, the newest checkpoint on disk is still current); the requeued
-        job finds it through `_resume_argv`, whatever `--resume` the first submission had."""
+        job finds it in its --output_dir (util.checkpoint.choose_resume), whatever --resume it was given."""
         logger.warning("requeueing %s; it resumes from the latest checkpoint in its --output_dir", self.task)
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self))
-
-    @staticmethod
-    def _resume_argv(argv: list[str]) -> list[str]:
-        """This run's own newest checkpoint beats a --resume given at submission: after a requeue the job
-        must continue where it stopped, not restart from the file it started from (--eval keeps its file)."""
-        from util.checkpoint import find_resume
-
-        latest = find_resume(flag_value(argv, "--output_dir"))
-        if not latest or "--eval" in argv:
-            return []
-        given = flag_value(argv, "--resume")
-        if given and os.path.abspath(given) != os.path.abspath(latest):
-            logger.warning("resuming from %s (this run's latest), not --resume %s", latest, given)
-        return ["--resume", latest]
 
     def _run(self, module: Any, argv: list[str]) -> int:
         try:
