@@ -130,7 +130,7 @@ def build_criterion(args) -> nn.Module:
 
 def build_datasets(args):
     if args.linprobe:
-        train_transform = build_pretrain_transform(args.input_size)  # crop + flip only
+        train_transform = build_pretrain_transform(args.input_size, scale=(0.08, 1.0))  # MAE: crop + flip only
     else:
         train_transform = build_finetune_transform(True, args.input_size, args.color_jitter, args.aa or None,
                                                    args.reprob, args.remode, args.recount)

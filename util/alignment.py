@@ -4,6 +4,7 @@ target normalisation and the alignment loss.
 Notation: S student blocks, T teacher blocks, K target levels (the last K teacher blocks).
 `weight[i, j]` is w_ij of eq. (1): how much student block i contributes to teacher level j.
 """
+import math
 from typing import Sequence
 
 import torch
@@ -19,9 +20,10 @@ LOSS_TYPES = ("smooth_l1", "l1", "l2")
 def relative_depth_map(src_depth: int, dst_depth: int) -> list[int]:
     """For each of `src_depth` blocks, the block of a `dst_depth`-deep model at the same relative depth.
 
-    Block i covers depth (i + 1) / src_depth; the last block always maps to the last block.
+    Block i covers depth (i + 1) / src_depth and maps to the first destination block that reaches that depth,
+    so a 24-block student pairs up evenly on a 12-block teacher (0, 0, 1, 1, ...) and the last maps to the last.
     """
-    return [max(0, round((i + 1) * dst_depth / src_depth) - 1) for i in range(src_depth)]
+    return [max(0, math.ceil((i + 1) * dst_depth / src_depth) - 1) for i in range(src_depth)]
 
 
 def init_alignment_matrix(student_depth: int, teacher_depth: int) -> torch.Tensor:

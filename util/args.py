@@ -112,9 +112,12 @@ def add_maskalign_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mask_ratio", type=float, default=0.7, help="share of patches the student does not see")
     g.add_argument("--top_k", "--loss_weights", dest="top_k", type=_top_k, default=5,
                    help="align the last K teacher blocks [--loss_weights topK]")
-    g.add_argument("--align", "--fusion_type", dest="align", choices=ALIGN_FORMS, default="dynamic",
-                   type=_alias({"linear": "dynamic", "simple": "layerwise"}),
-                   help="dynamic = eq. (1); official = mix then adapt; layerwise [--fusion_type linear|simple]")
+    g.add_argument("--align", dest="align", choices=ALIGN_FORMS, default="dynamic",
+                   help="dynamic = eq. (1); official = the reference code's mix-then-adapt; layerwise = no W")
+    # The reference code's `--fusion_type linear` mixes with W, then adapts: our `official` form.
+    g.add_argument("--fusion_type", dest="align", choices=ALIGN_FORMS, default=argparse.SUPPRESS,
+                   type=_alias({"linear": "official", "simple": "layerwise"}),
+                   help="reference-code name: linear = --align official, simple = --align layerwise")
     g.add_argument("--adaptor", "--head_type", dest="adaptor", choices=ADAPTORS, default="linear")
     g.add_argument("--target_norm", type=_alias({"whiten": "ln"}), choices=TARGET_NORMS, default="ln",
                    help="per-token target normalisation [whiten = ln]")

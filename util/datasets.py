@@ -39,10 +39,11 @@ class TooManyBadSamplesError(RuntimeError):
     """More than ``max_bad_fraction`` of the loaded images were unreadable."""
 
 
-def build_pretrain_transform(input_size: int) -> transforms.Compose:
-    """MAE pre-training augmentation: only crop + flip, masking does the rest."""
+def build_pretrain_transform(input_size: int, scale: Tuple[float, float] = (0.2, 1.0)) -> transforms.Compose:
+    """MAE pre-training augmentation: only crop + flip, masking does the rest (linear probing uses it too,
+    with torchvision's default crop scale (0.08, 1))."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
+        transforms.RandomResizedCrop(input_size, scale=scale,
                                      interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
