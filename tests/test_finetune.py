@@ -283,3 +283,43 @@ def test_checkpoint_with_namespace_args_loads(labelled, tmp_path):
     assert backbone.pretrain_args == {"model": "mae_vit_base_patch16", "blr": 1.5e-4}
     assert main_finetune.run(finetune_argv(labelled, tmp_path / "ft", "--finetune", str(tmp_path / "ref.pth"),
                                            "--epochs", "1")) == 0
+
+
+def test_reference_pretraining_checkpoint_resumes_in_the_official_form(tmp_path):
+    """A released checkpoint (student + T distill heads + T x S distill_weights + teacher weights) continues
+    pre-training in `--align official` with the same predictions."""
+    import argparse
+
+    from models_maskalign import create_maskalign
+    from util.teachers import build_teacher
+
+    def official_model():
+        torch.manual_seed(0)
+        teacher = build_teacher("timm:vit_tiny_patch16_224", 32, 16, weights="none", depth=3, embed_dim=48,
+                                num_heads=3, img_size=32)
+        return create_maskalign("tiny", teacher=teacher, img_size=32, **TINY_VIT, top_k=2, align="official",
+                                adaptor="mlp")
+
+    source = official_model()
+    with torch.no_grad():
+        source.dynamic_align.weight.normal_()
+    reference = {k: v for k, v in source.state_dict().items() if not k.startswith("dynamic_align")}
+    reference["distill_weights"] = source.dynamic_align.weight.detach().t().clone()  # [teacher, student]
+    for j in range(3):  # one head per teacher block; blocks 1 and 2 are the top-2 targets
+        adaptor = source.dynamic_align.adaptors[j - 1] if j else torch.nn.Sequential(
+            torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 48))
+        reference.update({f"distill_heads.{j}.{k}": v for k, v in adaptor.state_dict().items()})
+    reference["clip_model.vision_model.post_layernorm.weight"] = torch.ones(48)
+    torch.save({"model": reference, "epoch": 3, "args": argparse.Namespace(fusion_type="linear")},
+               tmp_path / "released.pth")
+
+    model = official_model()
+    opt = torch.optim.AdamW(model.parameters())
+    epoch, step, _ = checkpoint.restore_training_state(str(tmp_path / "released.pth"), model, opt, None)
+    assert (epoch, step) == (4, 0)
+    imgs, ids_keep = torch.randn(2, 3, 32, 32), torch.tensor([[0, 3], [1, 2]])
+    torch.testing.assert_close(model.eval()(imgs, ids_keep=ids_keep)[1], source.eval()(imgs, ids_keep=ids_keep)[1])
+    with pytest.raises(checkpoint.CheckpointError, match="--align official"):
+        torch.manual_seed(0)
+        dynamic = create_maskalign("tiny", teacher=model.teacher, img_size=32, **TINY_VIT, top_k=2)
+        checkpoint.restore_training_state(str(tmp_path / "released.pth"), dynamic, None, None)

@@ -95,8 +95,13 @@ def training_state(model, optimizer, scaler, args, *, epoch_done: int, resume_ep
 def restore_training_state(path: str, model, optimizer, scaler) -> tuple[int, int, dict[str, Any]]:
     """Load model/optimizer/scaler; returns (epoch, step within it, the whole checkpoint) to continue from."""
     ckpt = load(path)
+    state = ckpt["model"]
+    if "distill_weights" in state:  # the reference MaskAlign code's pre-training checkpoint
+        from util.pretrained import reference_to_official  # late: util.pretrained imports this module
+        state, optimizer, scaler = reference_to_official(state, model), None, None
+        logger.warning("%s is a reference-code checkpoint: weights converted, optimizer state starts afresh", path)
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not match this model (was it written with other --model, "
                               f"--model_kwargs, --teacher, --top_k or --align flags?): {e}") from e

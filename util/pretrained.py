@@ -158,6 +158,27 @@ def load_into(model: nn.Module, backbone: Backbone, expected_name: str = "the mo
     return report
 
 
+def reference_to_official(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The reference code's pre-training weights in the layout of our `--align official` model.
+
+    Its `distill_weights` is indexed [teacher level, student block] (ours: W[i, j] = w_ij, the transpose) and
+    it keeps one `distill_heads.j` per teacher block; ours keeps adaptors for the K target levels only.
+    """
+    align = getattr(model, "dynamic_align", None)
+    if align is None or align.form != "official":
+        raise checkpoint.CheckpointError("the reference code's checkpoints hold its mix-then-adapt alignment: "
+                                         "build the model with --align official (its --fusion_type linear)")
+    out = {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
+    out["dynamic_align.weight"] = state["distill_weights"].t().contiguous()
+    for k, level in enumerate(align.target_levels):
+        prefix = f"distill_heads.{level}."
+        heads = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+        if not heads:
+            raise checkpoint.CheckpointError(f"the checkpoint has no distill_heads.{level} for target level {level}")
+        out.update({f"dynamic_align.adaptors.{k}.{name}": v for name, v in heads.items()})
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ export
 def timm_name_for(backbone: Backbone) -> str:
     """The timm model the student loads into: from our checkpoint's args when they say, else by shape."""
