@@ -1,8 +1,9 @@
 """The training loop shared by pre-training, fine-tuning and linear probing.
 
-`fit` runs the epochs (data sharding, DDP, resume, checkpoints, logs); `train_one_epoch` runs one epoch of: per-iteration lr schedule, mixed precision, gradient accumulation (no all-reduce on the
-non-final micro-steps), a loss check that stops every rank together, gradient clipping, logging, and
-`checkpoint-latest.pth` on a timer or on SIGTERM / SIGUSR1. Each micro-step re-seeds the RNGs from
+`fit` runs the epochs (data sharding, DDP, resume, checkpoints, logs); `train_one_epoch` runs one epoch of:
+per-iteration lr schedule, mixed precision, gradient accumulation (no all-reduce on the non-final micro-steps),
+a loss check that stops every rank together, gradient clipping, logging, and `checkpoint-latest.pth` on a
+timer or on SIGTERM / SIGUSR1. Each micro-step re-seeds the RNGs from
 (seed, rank, epoch, step), so a run resumed from any checkpoint continues exactly as if never stopped.
 """
 import contextlib
