@@ -20,6 +20,32 @@ def run(data, out, teacher_file, *extra):
     return main_pretrain.run(pretrain_argv(data, out, teacher_file, *extra))
 
 
+def fault_at(monkeypatch, call, before=None, after=None):
+    """Patch the pre-training forward so that its `call`-th micro-step first runs `before()` and/or has its
+    loss replaced by `after(model, loss)`; returns the original forward."""
+    original = main_pretrain.pretrain_forward
+    calls = {"n": 0}
+
+    def patched(model, batch):
+        calls["n"] += 1
+        hit = calls["n"] == call
+        if hit and before:
+            before()
+        loss, metrics = original(model, batch)
+        return (after(model, loss) if hit and after else loss), metrics
+
+    monkeypatch.setattr(main_pretrain, "pretrain_forward", patched)
+    return original
+
+
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def crash():
+    raise KeyboardInterrupt("simulated crash")
+
+
 def test_tiny_run_writes_checkpoints_and_logs(data_dir, tmp_path, teacher_file):
     assert run(data_dir, tmp_path, teacher_file, "--save_freq", "1") == 0
     assert {"checkpoint-latest.pth", "checkpoint-0.pth", "checkpoint-1.pth", "log.txt"} <= set(os.listdir(tmp_path))
@@ -39,16 +65,7 @@ def test_resume_mid_epoch_reproduces_uninterrupted_run(data_dir, tmp_path, teach
     extra = ("--save_interval_min", "0", "--drop_path", "0.1")
     assert run(data_dir, full, teacher_file, *extra) == 0
 
-    calls = {"n": 0}
-    original = main_pretrain.pretrain_forward
-
-    def crash_at_step_8(model, batch):  # 6 steps per epoch: step 8 is mid-epoch 1
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt("simulated crash")
-        return original(model, batch)
-
-    monkeypatch.setattr(main_pretrain, "pretrain_forward", crash_at_step_8)
+    original = fault_at(monkeypatch, 8, before=crash)  # 6 steps per epoch: step 8 is mid-epoch 1
     with pytest.raises(KeyboardInterrupt):
         run(data_dir, interrupted, teacher_file, *extra)
     state = checkpoint.load(os.path.join(interrupted, checkpoint.LATEST))
@@ -86,15 +103,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, teacher_file):
 
 
 def test_nan_loss_stops_with_checkpoint_intact(data_dir, tmp_path, teacher_file, monkeypatch):
-    calls = {"n": 0}
-    original = main_pretrain.pretrain_forward
-
-    def nan_at_step_4(model, batch):
-        calls["n"] += 1
-        loss, metrics = original(model, batch)
-        return (loss * float("nan") if calls["n"] == 4 else loss), metrics
-
-    monkeypatch.setattr(main_pretrain, "pretrain_forward", nan_at_step_4)
+    fault_at(monkeypatch, 4, after=lambda model, loss: loss * float("nan"))
     assert run(data_dir, tmp_path, teacher_file, "--save_interval_min", "0") == 1
     state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
     assert (state["resume_epoch"], state["resume_step"]) == (0, 3)  # written after the last good step
@@ -102,16 +111,7 @@ def test_nan_loss_stops_with_checkpoint_intact(data_dir, tmp_path, teacher_file,
 
 
 def test_sigterm_writes_latest_and_stops(data_dir, tmp_path, teacher_file, monkeypatch):
-    calls = {"n": 0}
-    original = main_pretrain.pretrain_forward
-
-    def sigterm_at_step_2(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(model, batch)
-
-    monkeypatch.setattr(main_pretrain, "pretrain_forward", sigterm_at_step_2)
+    fault_at(monkeypatch, 2, before=sigterm)
     assert run(data_dir, tmp_path, teacher_file) == 143
     state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
     assert (state["resume_epoch"], state["resume_step"]) == (0, 2)
@@ -203,16 +203,7 @@ def test_demo_preset_prepares_data_and_teacher(tmp_path, monkeypatch):
 
 def test_stop_at_the_last_step_of_an_epoch_keeps_its_end_of_epoch_work(data_dir, tmp_path, teacher_file,
                                                                         monkeypatch):
-    calls = {"n": 0}
-    original = main_pretrain.pretrain_forward
-
-    def sigterm_at_last_step(model, batch):  # 6 steps per epoch: call 6 is epoch 0's last step
-        calls["n"] += 1
-        if calls["n"] == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(model, batch)
-
-    monkeypatch.setattr(main_pretrain, "pretrain_forward", sigterm_at_last_step)
+    original = fault_at(monkeypatch, 6, before=sigterm)  # 6 steps per epoch: epoch 0's last step
     assert run(data_dir, tmp_path, teacher_file) == 143
     assert [json.loads(l)["epoch"] for l in open(tmp_path / "log.txt")] == [0]  # epoch 0 was logged
     state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
@@ -224,18 +215,11 @@ def test_stop_at_the_last_step_of_an_epoch_keeps_its_end_of_epoch_work(data_dir,
 
 def test_non_finite_gradient_with_finite_loss_stops_before_the_update(data_dir, tmp_path, teacher_file,
                                                                       monkeypatch):
-    calls = {"n": 0}
-    original = main_pretrain.pretrain_forward
+    def nan_gradient(model, loss):
+        model.cls_token.register_hook(lambda g: g * float("nan"))
+        return loss + 0.0 * model.cls_token.sum()
 
-    def nan_gradient_at_step_4(model, batch):
-        calls["n"] += 1
-        loss, metrics = original(model, batch)
-        if calls["n"] == 4:
-            loss = loss + 0.0 * model.cls_token.sum()
-            model.cls_token.register_hook(lambda g: g * float("nan"))
-        return loss, metrics
-
-    monkeypatch.setattr(main_pretrain, "pretrain_forward", nan_gradient_at_step_4)
+    fault_at(monkeypatch, 4, after=nan_gradient)
     assert run(data_dir, tmp_path, teacher_file, "--save_interval_min", "0") == 1
     state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
     assert state["resume_step"] == 3
