@@ -122,7 +122,7 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
     accum = args.accum_iter
     lr = 0.0
     steps = range(start_step, steps_per_epoch)
-    progress = metric_logger.log_every(zip(steps, batches), args.print_freq, f"Epoch: [{epoch}]",
+    progress = metric_logger.log_every(_steps_and_batches(steps, batches), args.print_freq, f"Epoch: [{epoch}]",
                                        total=len(steps), batch_size=args.batch_size * env.world_size)
     optimizer.zero_grad(set_to_none=True)
     images_per_step = args.batch_size * accum * env.world_size
@@ -131,12 +131,14 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
         if step % accum == 0:
             lr = adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
         seed_step(args.seed, env.rank, epoch, step)
-        batch = [t.to(ctx.device, non_blocking=True) for t in batch]
         boundary = (step + 1) % accum == 0
         # DDP decides in forward whether backward all-reduces: no_sync must cover both
         sync = contextlib.nullcontext() if boundary or not isinstance(model, DistributedDataParallel) \
             else model.no_sync()
         with sync:
+            if isinstance(batch, TooManyBadSamplesError):  # this rank's data failed: it only takes part in the vote
+                _check_loss(torch.zeros(()), ctx, epoch, step, data_error=batch)
+            batch = [t.to(ctx.device, non_blocking=True) for t in batch]
             with autocast(args, ctx.device):
                 loss, metrics = forward_fn(model, batch)
             loss_value = _check_loss(loss, ctx, epoch, step)
@@ -159,14 +161,35 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
     return metric_logger.averages()
 
 
-def _check_loss(loss: torch.Tensor, ctx: LoopContext, epoch: int, step: int) -> float:
-    """All-reduce (loss, save request, stop request) in one collective, so every rank decides the same thing."""
+def _steps_and_batches(steps: range, batches: Iterable) -> Iterable[tuple[int, Any]]:
+    """(step, batch) pairs; a data failure comes out as the batch so that the loop can share it with every
+    rank (one rank raising alone would leave the others waiting in a collective until its timeout)."""
+    iterator = iter(batches)
+    for step in steps:
+        try:
+            yield step, next(iterator)
+        except StopIteration:
+            return
+        except TooManyBadSamplesError as e:
+            yield step, e
+            return
+
+
+def _check_loss(loss: torch.Tensor, ctx: LoopContext, epoch: int, step: int,
+                data_error: Optional[TooManyBadSamplesError] = None) -> float:
+    """All-reduce (loss, save request, stop request, data failure) in one collective, so every rank decides
+    the same thing."""
     save, stop = ctx.signals.take_pending()
-    flags = torch.tensor([loss.detach().float().item(), float(save), float(stop)],
+    flags = torch.tensor([loss.detach().float().item(), float(save), float(stop), float(data_error is not None)],
                          dtype=torch.float64, device=ctx.device)
     all_reduce_sum(flags)
     ctx.signals.agreed_save |= bool(flags[1] > 0)
     ctx.signals.agreed_stop |= bool(flags[2] > 0)
+    if data_error is not None:
+        raise data_error
+    if flags[3] > 0:
+        raise TooManyBadSamplesError(f"another rank found too many unreadable images at epoch {epoch}, step "
+                                     f"{step} (its log names them); stopping every rank")
     if not math.isfinite(flags[0].item()):
         raise NonFiniteLossError(
             f"non-finite loss at epoch {epoch}, step {step} (local value {loss.item()}); stopping every rank. "

@@ -91,3 +91,33 @@ def test_the_runs_own_latest_checkpoint_wins_over_resume(tmp_path):
     assert checkpoint.choose_resume("", str(tmp_path)) == str(latest)
     assert checkpoint.choose_resume("", None) is None
     assert os.path.exists(latest)
+
+
+def test_bad_data_on_one_rank_stops_every_rank_at_once(tmp_path, monkeypatch):
+    """The rank whose data failed votes instead of raising alone; the others learn it from the same all-reduce
+    (without the vote they would wait in the next collective until its timeout)."""
+    from util.datasets import TooManyBadSamplesError
+
+    def batches():
+        for step in range(6):
+            if step == 2:
+                raise TooManyBadSamplesError("3 of 4 attempted images were unreadable")
+            yield (torch.randn(2, 4),)
+
+    votes = []
+    monkeypatch.setattr(engine, "all_reduce_sum", lambda t: votes.append(t.clone()) or t)
+    model = torch.nn.Linear(4, 1)
+    train = lambda data: engine.train_one_epoch(  # noqa: E731
+        model, lambda m, b: (m(b[0]).pow(2).mean(), {}), data, torch.optim.SGD(model.parameters(), lr=0.1),
+        epoch=0, start_step=0, steps_per_epoch=6, ctx=loop_context(tmp_path, []))
+    with pytest.raises(TooManyBadSamplesError, match="3 of 4"):  # the failing rank: its own error, after voting
+        train(batches())
+    assert len(votes) == 3 and votes[-1][3] == 1.0  # steps 0, 1 voted "fine"; step 2 carried the failure
+
+    def another_rank_failed(t):  # a healthy rank: someone else's failure arrives in the vote
+        t[3] += 1.0
+        return t
+
+    monkeypatch.setattr(engine, "all_reduce_sum", another_rank_failed)
+    with pytest.raises(TooManyBadSamplesError, match="another rank found too many unreadable images at epoch 0"):
+        train([(torch.randn(2, 4),)] * 6)
