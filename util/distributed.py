@@ -51,12 +51,6 @@ def init_distributed(device: str, env: DistEnv | None = None, timeout_min: int =
     return env
 
 
-def get_env() -> DistEnv:
-    if dist.is_available() and dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return DistEnv()
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In place across ranks; a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():

@@ -30,10 +30,6 @@ class SmoothedValue:
     def global_avg(self) -> float:
         return self.total / max(self.count, 1)
 
-    @property
-    def last(self) -> float:
-        return self.values[-1]
-
     def __str__(self) -> str:
         return f"{self.median:.4f} ({self.global_avg:.4f})"
 
