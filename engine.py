@@ -91,7 +91,7 @@ class LoopContext:
     env: DistEnv
     device: torch.device
     writer: TensorboardWriter
-    save_latest: Callable[[int, int, int], None]  # (epoch, step to resume at, global step)
+    save_latest: Callable[[int, int], None]  # (epoch, micro-step to resume at)
     signals: StopSignals
     scaler: Optional[torch.amp.GradScaler] = None
     after_optimizer_step: Optional[Callable[[], None]] = None  # e.g. a model EMA update
@@ -152,12 +152,11 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
         now = time.time()
         img_s, step_start = images_per_step / max(now - step_start, 1e-9), now
         metric_logger.update(loss=loss_value, lr=lr, grad_norm=grad_norm, **metrics)
-        global_step = epoch * steps_per_epoch + step + 1
         epoch_1000x = int((step + 1) / steps_per_epoch * 1000 + epoch * 1000)
         ctx.writer.scalars({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
                             "train/img_s": img_s, **{f"train/{k}": v for k, v in metrics.items()}}, epoch_1000x)
         if step + 1 < steps_per_epoch:  # the epoch's end is checkpointed by `fit`, after its evaluation
-            _maybe_checkpoint(ctx, epoch, step + 1, global_step)
+            _maybe_checkpoint(ctx, epoch, step + 1)
     return metric_logger.averages()
 
 
@@ -218,12 +217,12 @@ def _optimizer_step(optimizer, params: list, ctx: LoopContext, epoch: int, step:
     return grad_norm
 
 
-def _maybe_checkpoint(ctx: LoopContext, epoch: int, next_step: int, global_step: int) -> None:
+def _maybe_checkpoint(ctx: LoopContext, epoch: int, next_step: int) -> None:
     """Within an epoch, at an optimizer-step boundary: on an agreed signal, or when the timer is due
     (only rank 0 writes, so its timer alone matters)."""
     due = time.time() - ctx.last_save >= ctx.args.save_interval_min * 60
     if ctx.signals.agreed_save or ctx.signals.agreed_stop or due:
-        ctx.save_latest(epoch, next_step, global_step)
+        ctx.save_latest(epoch, next_step)
         ctx.last_save = time.time()
         ctx.signals.agreed_save = False
     _stop_if_agreed(ctx, epoch, next_step)
@@ -273,7 +272,7 @@ class Task:
     forward_fn: ForwardFn
     dataset: PerSampleSeeded
     optimizer: torch.optim.Optimizer
-    # called at the end of every epoch with (epoch, writer, model); returns extra log.txt fields
+    # called at the end of every epoch with (epoch, writer); returns extra log.txt fields
     end_of_epoch: Optional[Callable[[int, TensorboardWriter], dict[str, float]]] = None
     after_optimizer_step: Optional[Callable[[], None]] = None
     extra_state: Optional[Callable[[], dict]] = None  # saved in every checkpoint (e.g. EMA weights)
@@ -306,14 +305,14 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
         if task.load_extra_state:
             task.load_extra_state(ckpt)
 
-    def save_latest(epoch: int, next_step: int, global_step: int) -> None:
+    def save_latest(epoch: int, next_step: int) -> None:
         if not env.is_main:
             return
         finished = next_step >= steps_per_epoch
         state = checkpoint.training_state(
             task.model, task.optimizer, scaler, args, epoch_done=epoch if finished else epoch - 1,
             resume_epoch=epoch + 1 if finished else epoch, resume_step=0 if finished else next_step,
-            global_step=global_step, world_size=env.world_size,
+            global_step=epoch * steps_per_epoch + next_step, world_size=env.world_size,
             extra=task.extra_state() if task.extra_state else None)
         checkpoint.save_atomic(state, os.path.join(args.output_dir, checkpoint.LATEST))
         if finished and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
@@ -335,7 +334,7 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
                                     steps_per_epoch, ctx)
             start_step = 0
             extra_log = task.end_of_epoch(epoch, writer) if task.end_of_epoch else {}
-            save_latest(epoch, steps_per_epoch, (epoch + 1) * steps_per_epoch)
+            save_latest(epoch, steps_per_epoch)
             ctx.last_save = time.time()
             _log_epoch(args, env, writer, {**{f"train_{k}": v for k, v in stats.items()}, **extra_log,
                                            "epoch": epoch, "bad_images": task.dataset.num_bad})

@@ -19,7 +19,7 @@ def loop_context(tmp_path, saves, **args):
                     seed=0, amp="none", clip_grad=None, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1)
     return engine.LoopContext(args=SimpleNamespace(**{**defaults, **args}), env=DistEnv(), device=torch.device("cpu"),
                               writer=TensorboardWriter(None, False), signals=engine.StopSignals(),
-                              save_latest=lambda epoch, step, g: saves.append((epoch, step)))
+                              save_latest=lambda epoch, step: saves.append((epoch, step)))
 
 
 def test_a_signal_landing_after_the_vote_waits_for_the_next_step(tmp_path):
@@ -29,11 +29,11 @@ def test_a_signal_landing_after_the_vote_waits_for_the_next_step(tmp_path):
     ctx = loop_context(tmp_path, saves)
     engine._check_loss(torch.tensor(1.0), ctx, epoch=0, step=0)  # this step's vote: nothing pending
     ctx.signals._on_stop(signal.SIGTERM, None)  # lands during backward / the optimizer step
-    engine._maybe_checkpoint(ctx, epoch=0, next_step=1, global_step=1)  # not agreed yet: no stop here
+    engine._maybe_checkpoint(ctx, epoch=0, next_step=1)  # not agreed yet: no stop here
     assert saves == []
     engine._check_loss(torch.tensor(1.0), ctx, epoch=0, step=1)  # next vote carries it
     with pytest.raises(engine.TrainingInterrupted):
-        engine._maybe_checkpoint(ctx, epoch=0, next_step=2, global_step=2)
+        engine._maybe_checkpoint(ctx, epoch=0, next_step=2)
     assert saves == [(0, 2)]
 
 
@@ -43,7 +43,7 @@ def test_a_save_request_is_honoured_once(tmp_path):
     ctx.signals._on_save(signal.SIGUSR1, None)
     for step in range(3):
         engine._check_loss(torch.tensor(1.0), ctx, epoch=0, step=step)
-        engine._maybe_checkpoint(ctx, epoch=0, next_step=step + 1, global_step=step + 1)
+        engine._maybe_checkpoint(ctx, epoch=0, next_step=step + 1)
     assert saves == [(0, 1)]
 
 
