@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from util import checkpoint
-from util.datasets import TooManyBadSamplesError
+from util.data import TooManyBadSamplesError
 from util.distributed import DistEnv, all_reduce_sum, barrier, destroy, init_distributed
-from util.lr_sched import adjust_learning_rate
+from util.lr_schedule import adjust_learning_rate
 from util.metrics import MetricLogger, TensorboardWriter, setup_logging
 from util.sampler import PerSampleSeeded, ResumableDistributedSampler
 

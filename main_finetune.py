@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=8 main_finetune.py --linprobe --finetune out/ma_b16/checkpoint-199.pth ...
     python main_finetune.py --eval --resume out/ft_b16/checkpoint-best.pth --data_path /imagenet
 
-Fine-tuning follows MAE's recipe with the paper's numbers (SPEC.md): 100 epochs, 5 warm-up, blr 3e-4,
+Fine-tuning follows MAE's recipe with the paper's numbers (docs/method.md): 100 epochs, 5 warm-up, blr 3e-4,
 layer decay 0.6, drop path 0.2, RandAugment, mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing
 0.25, global average pooling. `--linprobe` freezes the backbone and trains BatchNorm (no affine) + a linear
 head with LARS, as MAE does.
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from engine import Task, evaluate, fit, run_main, setup
 from util import args as cli
 from util import checkpoint
-from util.datasets import build_dataset, build_finetune_transform, build_pretrain_transform
+from util.data import build_dataset, build_finetune_transform, build_pretrain_transform
 from util.distributed import DistEnv
 from util.metrics import TensorboardWriter
 from util.optim import LARS, param_groups_layer_decay

@@ -17,7 +17,7 @@ import torch
 import models_maskalign
 from engine import Task, fit, run_main, setup
 from util import args as cli
-from util.datasets import build_dataset, build_pretrain_transform
+from util.data import build_dataset, build_pretrain_transform
 from util.demo import DEMO_DEFAULTS, prepare_demo_data, prepare_demo_teacher
 from util.distributed import DistEnv, barrier
 from util.metrics import TensorboardWriter

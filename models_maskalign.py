@@ -21,12 +21,12 @@ import torch.nn as nn
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from util.alignment import (ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS, DynamicAlignment,
+from maskalign.alignment import (ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS, DynamicAlignment,
                             alignment_loss, normalize_target)
-from util.masking import (MASK_TYPES, attentive_visible, check_mask_ratio, gather_tokens,
+from maskalign.masking import (MASK_TYPES, attentive_visible, check_mask_ratio, gather_tokens,
                           mask_from_visible, num_visible, random_visible)
-from util.pos_embed import sincos_2d_pos_embed
-from util.teachers import Teacher, build_teacher
+from maskalign.pos_embed import sincos_2d_pos_embed
+from maskalign.teachers import Teacher, build_teacher
 
 DEFAULT_TEACHER = "openai/clip-vit-base-patch16"
 
@@ -41,7 +41,7 @@ STUDENT_ARCHS = {
 
 @dataclass(frozen=True)
 class MaskAlignConfig:
-    """Every MaskAlign choice (SPEC.md); the defaults are the paper's. Validated on creation."""
+    """Every MaskAlign choice (docs/method.md); the defaults are the paper's. Validated on creation."""
     mask_type: str = "attentive"
     mask_ratio: float = 0.7
     top_k: int = 5

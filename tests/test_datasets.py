@@ -1,4 +1,4 @@
-"""Tests for util/datasets.py on tiny synthetic images (whole file: a few seconds)."""
+"""Tests for util/data.py on tiny synthetic images (whole file: a few seconds)."""
 import logging
 import os
 
@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from util.datasets import (
+from util.data import (
     IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RobustImageDataset, TooManyBadSamplesError,
     build_dataset, build_finetune_transform, build_pretrain_transform,
 )

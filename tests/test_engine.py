@@ -96,7 +96,7 @@ def test_the_runs_own_latest_checkpoint_wins_over_resume(tmp_path):
 def test_bad_data_on_one_rank_stops_every_rank_at_once(tmp_path, monkeypatch):
     """The rank whose data failed votes instead of raising alone; the others learn it from the same all-reduce
     (without the vote they would wait in the next collective until its timeout)."""
-    from util.datasets import TooManyBadSamplesError
+    from util.data import TooManyBadSamplesError
 
     def batches():
         for step in range(6):

@@ -291,7 +291,7 @@ def test_reference_pretraining_checkpoint_resumes_in_the_official_form(tmp_path)
     import argparse
 
     from models_maskalign import create_maskalign
-    from util.teachers import build_teacher
+    from maskalign.teachers import build_teacher
 
     def official_model():
         torch.manual_seed(0)

@@ -14,8 +14,8 @@ from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 from torch import nn
 
-import util.teachers as teachers
-from util.teachers import (IMAGENET_MEAN, IMAGENET_STD, OpenClipTeacher, TeacherSpec, TimmTeacher,
+import maskalign.teachers as teachers
+from maskalign.teachers import (IMAGENET_MEAN, IMAGENET_STD, OpenClipTeacher, TeacherSpec, TimmTeacher,
                            build_teacher, resolve_teacher_spec)
 
 TIMM_NAME = "vit_tiny_patch16_224"

@@ -1,7 +1,7 @@
 """Command-line flags shared by main_pretrain.py, main_finetune.py and submitit_launch.py.
 
 Flags keep MAE's names and meanings; the MaskAlign reference code's flag names are accepted as aliases
-(SPEC.md), e.g. `--mask_type attention`, `--fusion_type linear`, `--target_norm whiten`, `--loss_weights top5`.
+(docs/method.md), e.g. `--mask_type attention`, `--fusion_type linear`, `--target_norm whiten`, `--loss_weights top5`.
 Validation happens here, before any model is built, and fails with exit code 2.
 """
 import argparse
@@ -13,9 +13,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from util.alignment import ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS
-from util.masking import MASK_TYPES
-from util.teachers import resolve_teacher_spec
+from maskalign.alignment import ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS
+from maskalign.masking import MASK_TYPES
+from maskalign.teachers import resolve_teacher_spec
 
 AMP_CHOICES = ("bf16", "fp16", "none")
 

@@ -30,7 +30,7 @@ def param_groups_layer_decay(model: nn.Module, weight_decay: float, layer_decay:
                              skip: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Layer-wise lr decay (BEiT / MAE fine-tuning): block i's lr is scaled by layer_decay ** (depth + 1 - (i + 1)).
 
-    Every group carries an `lr_scale` that `util.lr_sched.adjust_learning_rate` applies each step.
+    Every group carries an `lr_scale` that `util.lr_schedule.adjust_learning_rate` applies each step.
     """
     skip = set(skip) | set(getattr(model, "no_weight_decay", lambda: set())())
     num_layers = len(model.blocks) + 1

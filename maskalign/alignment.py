@@ -1,4 +1,4 @@
-"""Dynamic Alignment (paper section 3.3, SPEC.md sections 5-7): adaptors, the alignment matrix W,
+"""Dynamic Alignment (paper section 3.3, docs/method.md steps 5-7): adaptors, the alignment matrix W,
 target normalisation and the alignment loss.
 
 Notation: S student blocks, T teacher blocks, K target levels (the last K teacher blocks).

@@ -1,4 +1,4 @@
-"""Which patches the student sees (SPEC.md section 3).
+"""Which patches the student sees (docs/method.md, step 3).
 
 All functions return `ids_keep`, a B x len_keep LongTensor of distinct patch indices (raster order of the
 patch grid); `mask_from_visible` turns it into MAE's B x N mask (1 = dropped).
