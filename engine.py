@@ -277,11 +277,17 @@ class Task:
     after_optimizer_step: Optional[Callable[[], None]] = None
     extra_state: Optional[Callable[[], dict]] = None  # saved in every checkpoint (e.g. EMA weights)
     load_extra_state: Optional[Callable[[dict], None]] = None
+    # the data backend's hooks (util/data.py TrainData): batching, and the batch's way onto the device
+    # (e.g. uint8 normalised there, or JPEGs decoded there); None: default collation, every tensor .to(device)
+    collate_fn: Optional[Callable] = None
+    batch_to_device: Optional[Callable[[Any, torch.device], list]] = None
 
 
 def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
     """Train `task` for args.epochs, resuming exactly from the latest checkpoint of args.output_dir."""
-    sampler = ResumableDistributedSampler(len(task.dataset), env.rank, env.world_size, seed=args.seed)
+    # epoch-tagged indices: persistent workers keep their dataset copy, so the epoch travels with the index
+    sampler = ResumableDistributedSampler(len(task.dataset), env.rank, env.world_size, seed=args.seed,
+                                          tag_epoch=True)
     steps_per_epoch = (sampler.per_rank // args.batch_size) // args.accum_iter * args.accum_iter
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(task.dataset)} images are too few for --batch_size {args.batch_size} x "
@@ -323,14 +329,16 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
                       signals=StopSignals().install(), scaler=scaler, after_optimizer_step=task.after_optimizer_step)
     logger.info("training epochs %d..%d from step %d", start_epoch, args.epochs - 1, start_step)
     start_time = time.time()
+    workers = args.num_workers
+    loader = DataLoader(task.dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, collate_fn=task.collate_fn,
+                        persistent_workers=workers > 0, prefetch_factor=args.prefetch_factor if workers else None)
     try:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch, start=start_step * args.batch_size)
             task.dataset.set_epoch(epoch)
-            loader = DataLoader(task.dataset, batch_size=args.batch_size, sampler=sampler,
-                                num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
-                                drop_last=True)
-            stats = train_one_epoch(model, task.forward_fn, loader, task.optimizer, epoch, start_step,
+            batches = loader if task.batch_to_device is None else _on_device(loader, task.batch_to_device, device)
+            stats = train_one_epoch(model, task.forward_fn, batches, task.optimizer, epoch, start_step,
                                     steps_per_epoch, ctx)
             start_step = 0
             extra_log = task.end_of_epoch(epoch, writer) if task.end_of_epoch else {}
@@ -343,6 +351,19 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
         ctx.signals.uninstall()
         writer.close()
     logger.info("training time %.1f s", time.time() - start_time)
+
+
+def _on_device(batches: Iterable, to_device: Callable[[Any, torch.device], list], device: torch.device):
+    """Batches through the backend's device hook, one batch ahead: the next batch's copy (or GPU decode) is
+    queued before the current step's work. A data failure raised here reaches the loop's vote like any other."""
+    pending = None
+    for batch in batches:
+        ready = to_device(batch, device)
+        if pending is not None:
+            yield pending
+        pending = ready
+    if pending is not None:
+        yield pending
 
 
 def _log_epoch(args, env: DistEnv, writer: TensorboardWriter, record: dict) -> None:

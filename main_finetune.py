@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from engine import Task, evaluate, fit, run_main, setup
 from util import args as cli
 from util import checkpoint
-from util.data import build_dataset, build_finetune_transform, build_pretrain_transform
+from util.data import TrainData, build_dataset, build_finetune_transform, build_train_data
 from util.distributed import DistEnv
 from util.metrics import TensorboardWriter
 from util.optim import LARS, param_groups_layer_decay
@@ -89,6 +89,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = cli.parse(parser, argv, presets={"--linprobe": LINPROBE_DEFAULTS})
     if mixup_active(args) and args.batch_size % 2:
         parser.error("mixup/cutmix need an even --batch_size")
+    if args.data_backend != "pil" and not args.linprobe:
+        parser.error("fine-tuning's RandAugment works on PIL images: --data_backend fast/gpu serve pre-training "
+                     "and --linprobe")
+    if args.data_path is not None and "{" in args.data_path:
+        parser.error("a shard pattern names one split; for train and val shards pass a folder holding "
+                     "train/*.tar and val/*.tar")
     if args.model not in timm.list_models() and args.model not in timm.list_models(pretrained=True):
         parser.error(f"--model {args.model} is not a timm model")
     return args
@@ -129,13 +135,14 @@ def build_criterion(args) -> nn.Module:
 
 
 def build_datasets(args):
-    if args.linprobe:
-        train_transform = build_pretrain_transform(args.input_size, scale=(0.08, 1.0))  # MAE: crop + flip only
+    if args.linprobe:  # MAE: crop + flip only, so any data backend serves it
+        train = build_train_data(args.data_backend, args.data_path, args.input_size, scale=(0.08, 1.0),
+                                 file_list=args.file_list, max_bad_fraction=args.max_bad_fraction)
     else:
         train_transform = build_finetune_transform(True, args.input_size, args.color_jitter, args.aa or None,
                                                    args.reprob, args.remode, args.recount)
-    train = build_dataset(args.data_path, train_transform, split="train", file_list=args.file_list,
-                          max_bad_fraction=args.max_bad_fraction)
+        train = TrainData(build_dataset(args.data_path, train_transform, split="train", file_list=args.file_list,
+                                        max_bad_fraction=args.max_bad_fraction))
     val = build_dataset(args.data_path, build_finetune_transform(False, args.input_size), split="val",
                         file_list=args.val_file_list, max_bad_fraction=args.max_bad_fraction)
     return train, val
@@ -162,7 +169,7 @@ def main(args: argparse.Namespace) -> None:
     if args.data_path is None:
         raise SystemExit("--data_path is required (an ImageFolder root with train/ and val/)")
     logger.info("args: %s", json.dumps(vars(args), sort_keys=True))
-    train_set, val_set = build_datasets(args)
+    train_data, val_set = build_datasets(args)
     model = build_model(args).to(device)
     val = val_loader(args, env, val_set)
     if args.eval:
@@ -204,9 +211,10 @@ def main(args: argparse.Namespace) -> None:
             ema.module.load_state_dict(ckpt["model_ema"])
 
     task = Task(model=model, forward_fn=make_forward(mixup_fn, build_criterion(args)),
-                dataset=PerSampleSeeded(train_set, args.seed), optimizer=build_optimizer(args, model),
+                dataset=PerSampleSeeded(train_data.dataset, args.seed), optimizer=build_optimizer(args, model),
                 end_of_epoch=end_of_epoch, after_optimizer_step=(lambda: ema.update(model)) if ema else None,
-                extra_state=extra_state, load_extra_state=load_extra_state)
+                extra_state=extra_state, load_extra_state=load_extra_state,
+                collate_fn=train_data.collate_fn, batch_to_device=train_data.batch_to_device)
     fit(args, env, device, task)
 
 

@@ -17,7 +17,7 @@ import torch
 import models_maskalign
 from engine import Task, fit, run_main, setup
 from util import args as cli
-from util.data import build_dataset, build_pretrain_transform
+from util.data import build_train_data
 from util.demo import DEMO_DEFAULTS, prepare_demo_data, prepare_demo_teacher
 from util.distributed import DistEnv, barrier
 from util.metrics import TensorboardWriter
@@ -101,8 +101,8 @@ def main(args: argparse.Namespace) -> None:
     if args.data_path is None:
         raise SystemExit("--data_path is required (or --demo for the embedded default run)")
     logger.info("args: %s", json.dumps(vars(args), sort_keys=True))
-    dataset = build_dataset(args.data_path, build_pretrain_transform(args.input_size), split="train",
-                            file_list=args.file_list, max_bad_fraction=args.max_bad_fraction)
+    data = build_train_data(args.data_backend, args.data_path, args.input_size, file_list=args.file_list,
+                            max_bad_fraction=args.max_bad_fraction)
     model = build_model(args).to(device)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.blr,
                                   betas=(0.9, 0.95))
@@ -113,8 +113,10 @@ def main(args: argparse.Namespace) -> None:
             writer.image("dynamic_alignment_matrix", image, (epoch + 1) * 1000)
         return {}
 
-    fit(args, env, device, Task(model=model, forward_fn=pretrain_forward, dataset=PerSampleSeeded(dataset, args.seed),
-                                optimizer=optimizer, end_of_epoch=end_of_epoch))
+    fit(args, env, device, Task(model=model, forward_fn=pretrain_forward,
+                                dataset=PerSampleSeeded(data.dataset, args.seed), optimizer=optimizer,
+                                end_of_epoch=end_of_epoch, collate_fn=data.collate_fn,
+                                batch_to_device=data.batch_to_device))
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:

@@ -4,12 +4,19 @@ Pre-training runs for days over ~1.28M files, so a single unreadable image must
 not kill the run: :class:`RobustImageDataset` logs it, substitutes another
 sample deterministically (so a resumed run sees the same data) and only fails
 when the share of bad files shows the dataset itself is broken.
+
+Samples come from an ImageFolder, a file list or WebDataset tar shards (util/shards.py); training data goes
+through one of three backends (``--data_backend``, :func:`build_train_data`): ``pil`` (MAE's transform),
+``fast`` (uint8 crops, util/fast_crop.py) or ``gpu`` (decoded on the GPU, util/gpu_decode.py).
 """
+import functools
+import io
 import logging
 import math
 import multiprocessing
 import os
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -17,14 +24,21 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from util.fast_crop import FastRandomResizedCrop, NormalizeOnDevice
+from util.gpu_decode import DecodeOnDevice, EncodedCrop, collate_encoded
+from util.shards import ShardMember, index_shards, is_shard_spec, read_bytes, shard_paths
+
 __all__ = [
     'IMAGENET_DEFAULT_MEAN', 'IMAGENET_DEFAULT_STD', 'TooManyBadSamplesError', 'RobustImageDataset',
-    'build_pretrain_transform', 'build_finetune_transform', 'build_dataset',
+    'build_pretrain_transform', 'build_finetune_transform', 'build_dataset', 'DATA_BACKENDS', 'TrainData',
+    'build_train_data',
 ]
 
 logger = logging.getLogger('maskalign.data')
 
-Sample = Tuple[str, int]
+Source = Union[str, ShardMember]  # a file path or an image inside a tar shard
+Sample = Tuple[Source, int]
+DATA_BACKENDS = ('pil', 'fast', 'gpu')
 
 # Prime stride for substitutes: consecutive files are often bad together
 # (one broken shard/directory), so jump far away instead of taking i + 1.
@@ -75,24 +89,25 @@ def build_finetune_transform(is_train: bool, input_size: int, color_jitter: Opti
     ])
 
 
-def _load_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image; PIL is lazy, so ``convert`` forces the
+def load_rgb(source: Source) -> Image.Image:
+    """Read and fully decode an image; PIL is lazy, so ``convert`` forces the
     decode here, where failures are caught, instead of inside the transform."""
-    with open(path, 'rb') as f:
-        return Image.open(f).convert('RGB')
+    return Image.open(io.BytesIO(read_bytes(source))).convert('RGB')
 
 
 class RobustImageDataset(torch.utils.data.Dataset):
-    """(path, label) samples whose unreadable images are skipped, not fatal.
+    """(source, label) samples whose unreadable images are skipped, not fatal.
 
-    A failed load is logged (logger ``maskalign.data``) and replaced by sample
-    ``(i + k * 7919) % len`` for k = 1, 2, ... Failures and attempts are counted
-    in shared memory, so counts from DataLoader workers are visible in the main
+    ``loader(source)`` reads and decodes a sample (by default to an RGB PIL image, then ``transform``
+    applies); any exception it raises marks the file bad. A failed load is logged (logger
+    ``maskalign.data``) and replaced by sample ``(i + k * 7919) % len`` for k = 1, 2, ... Failures and
+    attempts are counted in shared memory, so counts from DataLoader workers are visible in the main
     process and the bad-fraction limit applies to the whole run.
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Optional[Callable] = None,
-                 classes: Optional[List] = None, max_bad_fraction: float = 0.01):
+                 classes: Optional[List] = None, max_bad_fraction: float = 0.01,
+                 loader: Callable[[Source], Any] = load_rgb):
         if not samples:
             raise ValueError('RobustImageDataset needs at least one sample')
         if not 0.0 <= max_bad_fraction <= 1.0:
@@ -100,7 +115,7 @@ class RobustImageDataset(torch.utils.data.Dataset):
         self.samples: List[Sample] = list(samples)
         self.targets: List[int] = [label for _, label in self.samples]
         self.classes: List = classes if classes is not None else sorted(set(self.targets))
-        self.transform = transform
+        self.transform, self.loader = transform, loader
         self.max_bad_fraction = max_bad_fraction
         # Shared-memory counters guarded by one lock, so both change together.
         # A lock from the default (fork) context refuses to be pickled for spawn
@@ -129,7 +144,7 @@ class RobustImageDataset(torch.utils.data.Dataset):
             img = self.transform(img)
         return img, target
 
-    def _load_with_substitutes(self, index: int) -> Tuple[Image.Image, int]:
+    def _load_with_substitutes(self, index: int) -> Tuple[Any, int]:
         n = len(self.samples)
         stride = _SUBSTITUTE_STRIDE if math.gcd(_SUBSTITUTE_STRIDE, n) == 1 else 1
         for k in range(_MAX_CONSECUTIVE_FAILURES):
@@ -138,9 +153,9 @@ class RobustImageDataset(torch.utils.data.Dataset):
                 # Decoders raise many types on corrupt data (OSError, SyntaxError,
                 # ValueError, struct.error, DecompressionBombError, ...); the block
                 # only reads this one file, so any failure means the file is bad.
-                img = _load_rgb(path)
+                img = self.loader(path)
             except Exception as e:
-                self._record_bad(path, e)
+                self.record_bad(path, e)
                 continue
             with self._lock:
                 self._num_attempted.value += 1
@@ -148,11 +163,13 @@ class RobustImageDataset(torch.utils.data.Dataset):
         raise RuntimeError(f'{_MAX_CONSECUTIVE_FAILURES} consecutive images failed to load starting at '
                            f'index {index} (last: {path}); is the data directory readable?')
 
-    def _record_bad(self, path: str, error: Exception) -> None:
+    def record_bad(self, path: Source, error: Exception, count_attempt: bool = True) -> None:
+        """Log and count a bad image; raise if the run's share of bad images is now too high.
+        ``count_attempt=False`` for an image whose load was already counted (the GPU decodes it later)."""
         reason = f'{type(error).__name__}: {error}'
         logger.warning('Bad image %s (%s); substituting another sample', path, reason)
         with self._lock:
-            self._num_attempted.value += 1
+            self._num_attempted.value += int(count_attempt)
             self._num_bad.value += 1
             bad, attempted = self._num_bad.value, self._num_attempted.value
         if attempted >= min(len(self), _MIN_ATTEMPTS_FOR_CHECK) and bad > self.max_bad_fraction * attempted:
@@ -172,7 +189,7 @@ def _find_images(class_dir: str) -> List[str]:
     return paths
 
 
-def _scan_image_folder(root: str) -> Tuple[List[Sample], List[str]]:
+def scan_image_folder(root: str) -> Tuple[List[Sample], List[str]]:
     """ImageFolder layout ``root/<class>/<image>``; label = index of the sorted class name."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f'Image directory not found: {root}')
@@ -186,7 +203,7 @@ def _scan_image_folder(root: str) -> Tuple[List[Sample], List[str]]:
     return samples, classes
 
 
-def _read_file_list(file_list: str, root: str) -> List[Sample]:
+def read_file_list(file_list: str, root: str) -> List[Sample]:
     """Lines ``relative/path label``; split on the last whitespace so paths may
     contain spaces. Blank lines and ``#`` comments are skipped. Files are not
     checked here: missing ones are handled as bad samples when loaded."""
@@ -209,15 +226,50 @@ def _read_file_list(file_list: str, root: str) -> List[Sample]:
 
 
 def build_dataset(data_path: str, transform: Optional[Callable], split: Optional[str] = None,
-                  file_list: Optional[str] = None, max_bad_fraction: float = 0.01) -> RobustImageDataset:
-    """Dataset from a file list (paths relative to ``data_path``), else from the
-    ImageFolder at ``data_path/split`` if that exists (MAE's ``--data_path
-    /imagenet`` + ``train/``), else from the ImageFolder at ``data_path``."""
+                  file_list: Optional[str] = None, max_bad_fraction: float = 0.01,
+                  loader: Callable[[Source], Any] = load_rgb) -> RobustImageDataset:
+    """Dataset from a file list (paths relative to ``data_path``), else from tar shards if ``data_path``
+    names them (util/shards.py), else from the ImageFolder at ``data_path/split`` if that exists (MAE's
+    ``--data_path /imagenet`` + ``train/``), else from the ImageFolder at ``data_path``."""
+    kwargs = dict(max_bad_fraction=max_bad_fraction, loader=loader)
     if file_list is not None:
-        return RobustImageDataset(_read_file_list(file_list, data_path), transform,
-                                  max_bad_fraction=max_bad_fraction)
+        return RobustImageDataset(read_file_list(file_list, data_path), transform, **kwargs)
+    if is_shard_spec(data_path):
+        samples = index_shards(shard_paths(data_path, split))
+        return RobustImageDataset(samples, transform, **kwargs)
     root = data_path
     if split is not None and os.path.isdir(os.path.join(data_path, split)):
         root = os.path.join(data_path, split)
-    samples, classes = _scan_image_folder(root)
-    return RobustImageDataset(samples, transform, classes=classes, max_bad_fraction=max_bad_fraction)
+    samples, classes = scan_image_folder(root)
+    return RobustImageDataset(samples, transform, classes=classes, **kwargs)
+
+
+@dataclass
+class TrainData:
+    """A training set and what its backend needs around the DataLoader (engine.Task takes both hooks)."""
+    dataset: RobustImageDataset
+    collate_fn: Optional[Callable] = None  # None: torch's default
+    batch_to_device: Optional[Callable[[Any, torch.device], list]] = None  # None: every tensor .to(device)
+
+
+def build_train_data(backend: str, data_path: str, input_size: int, scale: Tuple[float, float] = (0.2, 1.0),
+                     file_list: Optional[str] = None, max_bad_fraction: float = 0.01) -> TrainData:
+    """The crop + flip training set (pre-training, linear probing) through ``backend``:
+
+    pil  -- MAE's transform: PIL decode, RandomResizedCrop (bicubic), flip, ToTensor, Normalize in the worker;
+    fast -- the same crops on uint8 with reduced-size JPEG decoding; normalised on the device;
+    gpu  -- workers read bytes and draw the crops; nvJPEG decodes and roi_align crops on the GPU.
+    """
+    build = functools.partial(build_dataset, data_path, split='train', file_list=file_list,
+                              max_bad_fraction=max_bad_fraction)
+    if backend == 'pil':
+        return TrainData(build(transform=build_pretrain_transform(input_size, scale)))
+    if backend == 'fast':
+        return TrainData(build(transform=None, loader=FastRandomResizedCrop(input_size, scale)),
+                         batch_to_device=NormalizeOnDevice(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    if backend == 'gpu':
+        dataset = build(transform=None, loader=EncodedCrop(input_size, scale))
+        return TrainData(dataset, collate_fn=collate_encoded,
+                         batch_to_device=DecodeOnDevice(input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                                                        dataset))
+    raise ValueError(f'unknown data backend {backend!r}; choose one of {DATA_BACKENDS}')

@@ -13,13 +13,14 @@ class ResumableDistributedSampler(Sampler[int]):
     """DistributedSampler-style sharding of one seeded permutation per epoch, able to start mid-epoch.
 
     Rank r takes positions r, r + W, r + 2W, ... of the permutation, so W ranks with batch B see the same
-    samples as one process with batch W * B.
+    samples as one process with batch W * B. With ``tag_epoch`` it yields (epoch, index) pairs, which carry
+    the epoch to `PerSampleSeeded` in persistent DataLoader workers (their dataset copy never sees set_epoch).
     """
 
     def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, tag_epoch: bool = False) -> None:
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle, self.tag_epoch = seed, shuffle, tag_epoch
         self.epoch, self.start = 0, 0
         self.per_rank = num_samples // world_size  # drop the tail so every rank has the same count
 
@@ -33,8 +34,8 @@ class ResumableDistributedSampler(Sampler[int]):
             order = torch.randperm(self.num_samples, generator=g)
         else:
             order = torch.arange(self.num_samples)
-        shard = order[self.rank:self.per_rank * self.world_size:self.world_size]
-        return iter(shard[self.start:].tolist())
+        shard = order[self.rank:self.per_rank * self.world_size:self.world_size][self.start:].tolist()
+        return iter([(self.epoch, i) for i in shard] if self.tag_epoch else shard)
 
     def __len__(self) -> int:
         return self.per_rank - self.start
@@ -44,7 +45,8 @@ class PerSampleSeeded(Dataset):
     """Seeds torch / random / numpy from (seed, epoch, index) around each sample's augmentation.
 
     The augmentation of sample i in epoch e is then a pure function of (seed, e, i): it no longer depends
-    on which worker loads it or on how far the run got before a restart.
+    on which worker loads it or on how far the run got before a restart. The index may be an (epoch, i) pair
+    (`ResumableDistributedSampler(tag_epoch=True)`), which overrides `set_epoch`.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -61,8 +63,9 @@ class PerSampleSeeded(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __getitem__(self, index: int):
-        sample_seed = hash((self.seed, self.epoch, index)) % (2 ** 31)
+    def __getitem__(self, index):
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        sample_seed = hash((self.seed, epoch, index)) % (2 ** 31)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)

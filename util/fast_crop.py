@@ -1,0 +1,119 @@
+"""MAE's pre-training augmentation (RandomResizedCrop, bicubic, + horizontal flip) on uint8, about 2-3x faster
+per core than decode-to-PIL + ToTensor + Normalize, with the same crop distribution.
+
+* The crop box and the flip are drawn exactly as torchvision's RandomResizedCrop.get_params and
+  RandomHorizontalFlip draw them (same calls on the same RNG), so under per-sample seeding the crops equal the
+  PIL path's crops box for box.
+* When the crop is at least twice the output size on both sides, the JPEG is decoded at 1/2, 1/4 or 1/8 scale
+  (libjpeg DCT scaling, PIL ``draft``) and the crop box is mapped onto the reduced image with sub-pixel
+  precision (PIL's resize with a float box); the output stays a bicubic downscale.
+* Otherwise JPEGs are decoded by torchvision's libjpeg-turbo binding straight into a tensor (no PIL image,
+  no copy) and resized by torch's antialiased uint8 bicubic kernel on a channels-last crop (within 1 grey level
+  of PIL's bicubic).
+* Workers return uint8 (4x less to pickle, pin and copy); `NormalizeOnDevice` turns it into the normalised
+  float input on the GPU.
+"""
+import io
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from util.shards import read_bytes
+
+CropBox = Tuple[int, int, int, int]  # top, left, height, width (torchvision's order)
+DCT_SCALES = (8, 4, 2)
+
+
+def draw_crop(image_size: Tuple[int, int], scale: Tuple[float, float],
+              ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[CropBox, bool]:
+    """(crop box, flip) for an image of ``image_size`` (width, height), drawn like the PIL path draws them."""
+    width, height = image_size
+    size_only = torch.empty(()).expand(1, height, width)  # all get_params reads of an image is its shape
+    box = transforms.RandomResizedCrop.get_params(size_only, list(scale), list(ratio))
+    flip = bool(torch.rand(1) < 0.5)
+    return tuple(box), flip
+
+
+def dct_scale(box: CropBox, size: int) -> int:
+    """Largest libjpeg reduction (8, 4, 2, else 1) that keeps both crop sides >= the output size, so the
+    remaining resize is still a downscale."""
+    _, _, h, w = box
+    return next((a for a in DCT_SCALES if min(h, w) >= a * size), 1)
+
+
+def resized_crop(data: bytes, box: CropBox, size: int, flip: bool = False,
+                 image: Optional[Image.Image] = None) -> torch.Tensor:
+    """uint8 (3, size, size) of ``box`` of the encoded image, resized (bicubic, antialiased) and flipped.
+    ``image``: ``data`` already opened by PIL (header only), to save a second parse."""
+    image = image if image is not None else Image.open(io.BytesIO(data))
+    reduction = dct_scale(box, size)
+    if image.format == 'JPEG' and reduction == 1:
+        out = _torch_resized_crop(data, box, size)
+    else:
+        out = _pil_resized_crop(image, box, size, reduction if image.format == 'JPEG' else 1)
+    return out.flip(-1) if flip else out
+
+
+def _torch_resized_crop(data: bytes, box: CropBox, size: int) -> torch.Tensor:
+    top, left, h, w = box
+    decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    # channels-last: torch's uint8 antialiased kernel is ~2.5x faster on it
+    crop = decoded[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
+    return F.interpolate(crop, size=(size, size), mode='bicubic', antialias=True)[0]
+
+
+def _pil_resized_crop(image: Image.Image, box: CropBox, size: int, reduction: int) -> torch.Tensor:
+    top, left, h, w = box
+    scale = 1.0
+    if reduction > 1:
+        width = image.width
+        drafted = image.draft('RGB', (width // reduction, image.height // reduction))
+        if drafted is not None:  # (mode, the full image's box in reduced pixels: (0, 0, W / s, H / s))
+            scale = width / drafted[1][2]
+    image = image.convert('RGB')
+    resized = image.resize((size, size), Image.BICUBIC,
+                           box=(left / scale, top / scale, (left + w) / scale, (top + h) / scale))
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
+
+
+class FastRandomResizedCrop:
+    """Loader of the ``fast`` backend: a sample (file path or shard member) -> uint8 (3, size, size) crop of
+    MAE's distribution."""
+
+    def __init__(self, size: int, scale: Tuple[float, float] = (0.2, 1.0)) -> None:
+        self.size, self.scale = size, scale
+
+    def __call__(self, source) -> torch.Tensor:
+        data = read_bytes(source)
+        image = Image.open(io.BytesIO(data))  # parses the header only
+        box, flip = draw_crop(image.size, self.scale)
+        return resized_crop(data, box, self.size, flip, image)
+
+
+def normalize_pixels(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 3, H, W) pixel values 0..255 (uint8 or float) -> (x / 255 - mean) / std in ``dtype``, computed in
+    float32."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
+    return ((images.float() - m) / s).to(dtype)
+
+
+class NormalizeOnDevice:
+    """Batch hook of the ``fast`` backend: uint8 images travel to the device, are normalised there."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, batch: Sequence[torch.Tensor], device: torch.device) -> list:
+        images, *rest = batch
+        images = normalize_pixels(images.to(device, non_blocking=True), self.mean, self.std)
+        return [images, *(t.to(device, non_blocking=True) for t in rest)]
+
+
+BatchToDevice = Callable[[Any, torch.device], list]
