@@ -41,3 +41,19 @@ def assert_same_weights(a, b, exact=True):
             assert torch.equal(a[k], b[k]), k
         else:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def make_photos(root, n=24, size=(96, 72), classes=2, seed=0, quality=90):
+    """An ImageFolder of JPEG crops of scikit-image's shipped photos under root/train (natural image statistics,
+    which random noise lacks, for the data-pipeline tests)."""
+    from util.demo import _shipped_images
+    photos = [Image.open(p).convert("RGB") for p in _shipped_images()[:8]]
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        side = int(rng.integers(min(photo.size) // 2, min(photo.size)))
+        x, y = int(rng.integers(0, photo.width - side + 1)), int(rng.integers(0, photo.height - side + 1))
+        cls = root / "train" / f"class{i % classes}"
+        cls.mkdir(parents=True, exist_ok=True)
+        photo.crop((x, y, x + side, y + side)).resize(size, Image.BICUBIC).save(cls / f"{i:03d}.jpg", quality=quality)
+    return root

@@ -234,7 +234,7 @@ def build_dataset(data_path: str, transform: Optional[Callable], split: Optional
     kwargs = dict(max_bad_fraction=max_bad_fraction, loader=loader)
     if file_list is not None:
         return RobustImageDataset(read_file_list(file_list, data_path), transform, **kwargs)
-    if is_shard_spec(data_path):
+    if is_shard_spec(data_path, split):
         samples = index_shards(shard_paths(data_path, split))
         return RobustImageDataset(samples, transform, **kwargs)
     root = data_path

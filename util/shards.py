@@ -54,9 +54,10 @@ def expand_braces(pattern: str) -> List[str]:
     return [path for option in options for path in expand_braces(head + option + tail)]
 
 
-def is_shard_spec(data_path: str) -> bool:
-    """A brace pattern, a .tar file, or a folder (or its train/val sub-folder) holding .tar files."""
-    return '{' in data_path or data_path.endswith('.tar') or bool(_tars_in(data_path))
+def is_shard_spec(data_path: str, split: Optional[str] = None) -> bool:
+    """A brace pattern, a .tar file, or a folder (or its ``split`` sub-folder) holding .tar files."""
+    return ('{' in data_path or data_path.endswith('.tar') or bool(_tars_in(data_path))
+            or (split is not None and bool(_tars_in(os.path.join(data_path, split)))))
 
 
 def missing_shards(data_path: str) -> List[str]:
