@@ -14,6 +14,7 @@ per core than decode-to-PIL + ToTensor + Normalize, with the same crop distribut
   float input on the GPU.
 """
 import io
+import math
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -76,8 +77,11 @@ def _pil_resized_crop(image: Image.Image, box: CropBox, size: int, reduction: in
         if drafted is not None:  # (mode, the full image's box in reduced pixels: (0, 0, W / s, H / s))
             scale = width / drafted[1][2]
     image = image.convert('RGB')
-    resized = image.resize((size, size), Image.BICUBIC,
-                           box=(left / scale, top / scale, (left + w) / scale, (top + h) / scale))
+    x0, y0, x1, y1 = left / scale, top / scale, (left + w) / scale, (top + h) / scale
+    # crop to whole pixels first, as the PIL path does: the filter must not reach pixels outside the crop
+    region = (math.floor(x0), math.floor(y0), min(math.ceil(x1), image.width), min(math.ceil(y1), image.height))
+    resized = image.crop(region).resize((size, size), Image.BICUBIC,
+                                        box=(x0 - region[0], y0 - region[1], x1 - region[0], y1 - region[1]))
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
 
 
