@@ -143,3 +143,22 @@ def test_bad_jpeg_is_logged_counted_and_substituted(astronaut, tmp_path, kind, c
         image, label = ds[0]
     assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and label == 0
     assert (ds.num_bad, ds.num_attempted) == (1, 2) and str(bad) in caplog.text
+
+
+def test_per_sample_seeding_queues_no_cuda_calls():
+    """Seeding each sample must not go through torch.manual_seed, which in a process without CUDA (every
+    DataLoader worker) queues a lazy CUDA call with a formatted stack each time: slow, and the queue grows."""
+    from util.sampler import PerSampleSeeded
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return torch.rand(1)
+
+    queued = len(torch.cuda._queued_calls)
+    dataset = PerSampleSeeded(Draws(), seed=0)
+    first = [dataset[i] for i in range(4)]
+    assert len(torch.cuda._queued_calls) == queued
+    assert all(torch.equal(a, b) for a, b in zip(first, [dataset[i] for i in range(4)]))

@@ -60,7 +60,7 @@ def test_roi_align_crops_match_the_reference_resize():
 
 
 def encoded_batch(tmp_path, kinds, labels=None):
-    """A gpu-backend batch of `kinds` ('jpeg', 'png', 'bad') files through the real dataset and collation."""
+    """A gpu-backend batch of `kinds` ('jpeg', 'png', 'bad', 'cut') files through the real dataset and collation."""
     paths = []
     for k, kind in enumerate(kinds):
         image = photo(k % 3, (120, 90))
@@ -69,8 +69,10 @@ def encoded_batch(tmp_path, kinds, labels=None):
             image.save(paths[-1])
         else:
             paths.append(save_jpeg(image, tmp_path / f'{k}.jpg'))
-            if kind == 'bad':  # header intact, entropy-coded data cut: only the decode fails
-                data = open(paths[-1], 'rb').read()
+            data = open(paths[-1], 'rb').read()
+            if kind == 'bad':  # header and end marker intact, no image data: only the decode can tell
+                open(paths[-1], 'wb').write(data[:data.index(b'\xff\xda')] + bytes(range(256)) + b'\xff\xd9')
+            if kind == 'cut':
                 open(paths[-1], 'wb').write(data[:len(data) // 3])
     folder = tmp_path / 'list.txt'
     folder.write_text(''.join(f'{p} {y}\n' for p, y in zip(paths, labels or range(len(paths)))))
@@ -95,6 +97,15 @@ def test_device_decode_substitutes_undecodable_images_and_decodes_png_on_cpu(tmp
     fast = FastRandomResizedCrop(SIZE)(batch[4][0])
     expected = normalize_pixels(fast[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0]
     assert (images[0] - expected).abs().mean() < 0.1  # ~4 grey levels in normalised units
+
+
+def test_truncated_jpeg_is_caught_in_the_worker(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger='maskalign.data'):
+        data, batch = encoded_batch(tmp_path, ['cut', 'jpeg'])
+    assert (data.dataset.num_bad, data.dataset.num_attempted) == (1, 3)  # sample 0 was substituted by a load
+    assert '0.jpg' in caplog.text and 'end-of-image' in caplog.text
+    images, labels = data.batch_to_device(batch, CPU)
+    assert images.shape == (2, 3, SIZE, SIZE) and data.dataset.num_bad == 1
 
 
 def test_device_decode_applies_max_bad_fraction(tmp_path):

@@ -186,3 +186,15 @@ def test_finetune_data_flags_exit_2(flags, message, capsys, tmp_path, monkeypatc
     with pytest.raises(SystemExit) as exc:
         main_finetune.parse_args(flags)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_linprobe_on_train_and_val_shards_with_the_fast_backend(tmp_path):
+    from test_finetune import finetune_argv, make_labelled
+    labelled = make_labelled(tmp_path / 'labelled')
+    for split in ('train', 'val'):
+        _shard(labelled / split, tmp_path / 'shards' / split, 10)
+    argv = finetune_argv(tmp_path / 'shards', tmp_path / 'out', '--linprobe', '--data_backend', 'fast',
+                         '--epochs', '1', '--batch_size', '4')
+    assert main_finetune.run(argv) == 0
+    record = json.loads(open(tmp_path / 'out' / 'log.txt').readline())
+    assert 'test_acc1' in record and record['bad_images'] == 0

@@ -27,6 +27,7 @@ from util.shards import read_bytes
 
 logger = logging.getLogger('maskalign.data')
 
+_EOI, _EOI_WINDOW = b'\xff\xd9', 4096  # JPEG end-of-image marker; some files carry trailing bytes after it
 # (encoded bytes, crop box (x0, y0, x1, y1) in pixels of the full image, flip, name for the log)
 EncodedSample = Tuple[torch.Tensor, torch.Tensor, bool, str]
 
@@ -39,7 +40,11 @@ class EncodedCrop:
 
     def __call__(self, source) -> EncodedSample:
         data = read_bytes(source)
-        width_height = Image.open(io.BytesIO(data)).size  # header only; garbage fails here, in the worker
+        image = Image.open(io.BytesIO(data))  # header only; garbage fails here, in the worker
+        if image.format == 'JPEG' and _EOI not in data[-_EOI_WINDOW:]:
+            # the commonest corruption; caught here, it does not depend on how nvJPEG treats a cut file
+            raise OSError('JPEG without an end-of-image marker (truncated file)')
+        width_height = image.size
         (top, left, h, w), flip = draw_crop(width_height, self.scale)
         box = torch.tensor([left, top, left + w, top + h], dtype=torch.float32)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, str(source)

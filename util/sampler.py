@@ -68,7 +68,9 @@ class PerSampleSeeded(Dataset):
         sample_seed = hash((self.seed, epoch, index)) % (2 ** 31)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            # the CPU generator alone: torch.manual_seed would also queue a lazy CUDA seeding call, with a
+            # formatted stack trace, in every worker that never initialises CUDA (slow, and the queue grows)
+            torch.random.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
             np.random.seed(sample_seed)
             try:
