@@ -14,7 +14,6 @@ Measurements of all backends alternate round by round and the median is reported
 machine's load changes under a long run.
 """
 import argparse
-import io
 import os
 import statistics
 import sys

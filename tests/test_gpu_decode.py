@@ -1,6 +1,5 @@
 """The gpu backend's parts that run on CPU tensors (util/gpu_decode.py): crop geometry, batched roi_align crops
 against the reference resize, substitution of undecodable images, uint8 -> normalised output (issue #9)."""
-import io
 import logging
 
 import numpy as np

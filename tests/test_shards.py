@@ -7,7 +7,6 @@ import os
 import tarfile
 
 import pytest
-import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
@@ -18,7 +17,7 @@ from tiny import assert_same_weights, make_photos, pretrain_argv, weights
 from util import checkpoint
 from util.data import TooManyBadSamplesError, build_dataset
 from util.sampler import PerSampleSeeded, ResumableDistributedSampler
-from util.shards import INDEX_SUFFIX, NO_LABEL, expand_braces, read_index, scan_shard
+from util.shards import INDEX_SUFFIX, NO_LABEL, expand_braces, read_bytes, read_index, scan_shard
 
 to_tensor = transforms.ToTensor()
 
@@ -58,7 +57,6 @@ def test_shards_hold_the_image_folder_byte_for_byte(photo_folder, tmp_path, caps
         sharded = build_dataset(spec, to_tensor)
         assert len(sharded) == len(folder) == 10
         images = {open(p, 'rb').read(): y for p, y in folder.samples}
-        from util.shards import read_bytes
         assert sorted(images.items()) == sorted((read_bytes(m), y) for m, y in sharded.samples)
     # the sidecar index and a scan of the tar agree; a stale sidecar is ignored
     assert read_index(paths[0]) == scan_shard(paths[0])

@@ -7,15 +7,15 @@ per core than decode-to-PIL + ToTensor + Normalize, with the same crop distribut
 * When the crop is at least twice the output size on both sides, the JPEG is decoded at 1/2, 1/4 or 1/8 scale
   (libjpeg DCT scaling, PIL ``draft``) and the crop box is mapped onto the reduced image with sub-pixel
   precision (PIL's resize with a float box); the output stays a bicubic downscale.
-* Otherwise JPEGs are decoded by torchvision's libjpeg-turbo binding straight into a tensor (no PIL image,
-  no copy) and resized by torch's antialiased uint8 bicubic kernel on a channels-last crop (within 1 grey level
-  of PIL's bicubic).
+* Otherwise JPEGs are decoded by torchvision's libjpeg-turbo binding straight into a tensor (no PIL image;
+  the same pixels as PIL's decode) and resized by torch's antialiased uint8 bicubic kernel on a channels-last
+  crop (within 2 grey levels of PIL's bicubic). Other formats (PNG, ...) take PIL's exact path.
 * Workers return uint8 (4x less to pickle, pin and copy); `NormalizeOnDevice` turns it into the normalised
   float input on the GPU.
 """
 import io
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -119,5 +119,3 @@ class NormalizeOnDevice:
         images = normalize_pixels(images.to(device, non_blocking=True), self.mean, self.std)
         return [images, *(t.to(device, non_blocking=True) for t in rest)]
 
-
-BatchToDevice = Callable[[Any, torch.device], list]
