@@ -162,3 +162,19 @@ def test_per_sample_seeding_queues_no_cuda_calls():
     first = [dataset[i] for i in range(4)]
     assert len(torch.cuda._queued_calls) == queued
     assert all(torch.equal(a, b) for a, b in zip(first, [dataset[i] for i in range(4)]))
+
+
+def test_workers_draw_the_crops_the_main_process_draws(astronaut, tmp_path):
+    """Workers seed without saving and restoring the RNG states; the crops stay those of (seed, epoch, index)."""
+    from torch.utils.data import DataLoader
+
+    from util.sampler import PerSampleSeeded, ResumableDistributedSampler
+    samples = [(jpeg(astronaut.rotate(10 * k), tmp_path / f'{k}.jpg') and str(tmp_path / f'{k}.jpg'), k)
+               for k in range(6)]
+    dataset = PerSampleSeeded(RobustImageDataset(samples, loader=FastRandomResizedCrop(SIZE)), seed=3)
+    sampler = ResumableDistributedSampler(len(dataset), seed=3, tag_epoch=True)
+    sampler.set_epoch(2)
+    loader = DataLoader(dataset, batch_size=3, sampler=sampler, num_workers=2, multiprocessing_context='fork')
+    from_workers = torch.cat([images for images, _ in loader])
+    in_process = torch.stack([dataset[tagged][0] for tagged in sampler])
+    assert torch.equal(from_workers, in_process)
