@@ -216,7 +216,7 @@ def test_finetune_with_mixup_recipe_runs(labelled, pretrained_ckpt, tmp_path):
     assert np.isfinite(log_lines(out)[0]["train_loss"])
 
 
-def test_linprobe_beats_chance_with_frozen_backbone(labelled, pretrained_ckpt, tmp_path):
+def test_linprobe_beats_chance_with_frozen_backbone(labelled, pretrained_ckpt, tmp_path, capsys):
     out = tmp_path / "lp"
     argv = finetune_argv(labelled, out, "--linprobe", "--finetune", pretrained_ckpt, "--epochs", "4",
                          "--warmup_epochs", "1", "--batch_size", "16", "--accum_iter", "1", "--opt", "sgd",
@@ -225,6 +225,7 @@ def test_linprobe_beats_chance_with_frozen_backbone(labelled, pretrained_ckpt, t
     assert (args.opt, args.global_pool, args.weight_decay, args.mixup) == ("sgd", False, 0.0, 0.0)
     assert main_finetune.parse_args(["--linprobe", "--device", "cpu"]).opt == "lars"
     assert main_finetune.run(argv) == 0
+    assert "linear probing at an effective batch of 16 " in capsys.readouterr().err  # not the protocol's 16384
     assert log_lines(out)[-1]["test_acc1"] > 75.0, log_lines(out)
     trained = checkpoint.load(str(out / checkpoint.LATEST))["model"]
     pretrained = checkpoint.load(pretrained_ckpt)["model"]
