@@ -52,10 +52,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="extra timm.create_model arguments, e.g. depth=6")
     g.add_argument("--finetune", default="", help="pre-trained checkpoint: ours, MAE's, the reference "
                                                   "MaskAlign code's, a timm state dict or .safetensors")
+    g.add_argument("--pos_embed_antialias", action="store_true",
+                   help="resize a pre-trained position embedding with timm's antialiased bicubic instead of "
+                        "MAE's plain bicubic (F.interpolate)")
     g.add_argument("--nb_classes", type=int, default=1000)
     g.add_argument("--global_pool", action="store_true", default=True, help="average-pool the patch tokens")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify from [CLS] instead")
     g.add_argument("--linprobe", action="store_true", help="linear probing: frozen backbone, BN + linear head")
+    g.add_argument("--linprobe_crop", choices=("mae", "torchvision"), default="mae",
+                   help="--linprobe's random resized crop: MAE's single-draw TF-style crop, or torchvision's")
     g.add_argument("--opt", choices=("adamw", "lars", "sgd"), default="adamw",
                    help="fine-tuning: any, with layer decay and weight-decay groups; --linprobe: lars or sgd")
     g.add_argument("--layer_decay", type=float, default=0.6, help="layer-wise lr decay (fine-tuning)")
@@ -69,11 +74,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy ('' to disable)")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--linprobe_crop", choices=("mae", "torchvision"), default="mae",
-                   help="--linprobe's random resized crop: MAE's single-draw TF-style crop, or torchvision's")
-    g.add_argument("--pos_embed_antialias", action="store_true",
-                   help="resize a pre-trained position embedding with timm's antialiased bicubic instead of "
-                        "MAE's plain bicubic (F.interpolate)")
     g.add_argument("--remode", default="pixel")
     g.add_argument("--recount", type=int, default=1)
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 disables)")

@@ -1,4 +1,4 @@
-"""Command-line flags shared by main_pretrain.py, main_finetune.py and submitit_launch.py.
+"""Command-line flags shared by the entry points (main_pretrain.py, main_finetune.py, submitit_launch.py, ...).
 
 Flags keep MAE's names and meanings; the MaskAlign reference code's flag names are accepted as aliases
 (docs/method.md), e.g. `--mask_type attention`, `--fusion_type linear`, `--target_norm whiten`, `--loss_weights top5`.
