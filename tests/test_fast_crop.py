@@ -10,9 +10,10 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision import transforms
 
-from util.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RobustImageDataset
+from util.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RobustImageDataset, build_train_data
 from util.demo import _shipped_images
-from util.fast_crop import FastRandomResizedCrop, NormalizeOnDevice, dct_scale, draw_crop, resized_crop
+from util.fast_crop import (FastRandomResizedCrop, NormalizeOnDevice, TorchvisionCropBox, dct_scale,
+                            normalize_pixels, resized_crop)
 
 SIZE = 64
 
@@ -76,7 +77,7 @@ def test_crop_scale_and_aspect_distributions_match_the_reference(tmp_path):
 
     ref_crops = crops(ref, range(n), image)
     fast_crops = crops(fast, range(n, 2 * n), str(path))
-    reductions = [dct_scale(draw_crop((640, 480), (0.2, 1.0))[0], SIZE) for _ in range(50)]
+    reductions = [dct_scale(TorchvisionCropBox((0.2, 1.0))(640, 480), SIZE) for _ in range(50)]
     assert {2, 4} <= set(reductions)  # the reduced-size decode is exercised
     for column in (0, 1):
         assert ks_2samp(ref_crops[:, column], fast_crops[:, column]).pvalue > 0.01
@@ -178,3 +179,23 @@ def test_workers_draw_the_crops_the_main_process_draws(astronaut, tmp_path):
     from_workers = torch.cat([images for images, _ in loader])
     in_process = torch.stack([dataset[tagged][0] for tagged in sampler])
     assert torch.equal(from_workers, in_process)
+
+
+@pytest.mark.parametrize('linprobe_crop', [None, 'mae', 'torchvision'])
+def test_pil_and_fast_backends_crop_the_same_box(astronaut, tmp_path, linprobe_crop):
+    """Pre-training's crop and both linear-probe crops: on PNG files (PIL's exact path in both backends) the
+    fast backend's uint8 output, normalised, is the pil backend's output."""
+    (tmp_path / 'train' / 'c').mkdir(parents=True)
+    for k in range(3):
+        astronaut.rotate(20 * k).resize((300, 200)).save(tmp_path / 'train' / 'c' / f'{k}.png')
+    outputs = {}
+    for backend in ('pil', 'fast'):
+        data = build_train_data(backend, str(tmp_path), SIZE, linprobe_crop=linprobe_crop)
+        outputs[backend] = []
+        for k in range(3):
+            torch.manual_seed(k)
+            outputs[backend].append(data.dataset[k][0])
+    for pil_out, fast_out in zip(outputs['pil'], outputs['fast']):
+        assert fast_out.dtype == torch.uint8
+        torch.testing.assert_close(normalize_pixels(fast_out[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0],
+                                   pil_out, rtol=0, atol=1e-5)

@@ -15,7 +15,7 @@ per core than decode-to-PIL + ToTensor + Normalize, with the same crop distribut
 """
 import io
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,14 +30,26 @@ CropBox = Tuple[int, int, int, int]  # top, left, height, width (torchvision's o
 DCT_SCALES = (8, 4, 2)
 
 
-def draw_crop(image_size: Tuple[int, int], scale: Tuple[float, float],
-              ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[CropBox, bool]:
-    """(crop box, flip) for an image of ``image_size`` (width, height), drawn like the PIL path draws them."""
-    width, height = image_size
-    size_only = torch.empty(()).expand(1, height, width)  # all get_params reads of an image is its shape
-    box = transforms.RandomResizedCrop.get_params(size_only, list(scale), list(ratio))
+class TorchvisionCropBox:
+    """torchvision's RandomResizedCrop box: (width, height) -> (top, left, h, w), drawn by its own get_params."""
+
+    def __init__(self, scale: Tuple[float, float] = (0.2, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3)):
+        self.scale, self.ratio = list(scale), list(ratio)
+
+    def __call__(self, width: int, height: int) -> CropBox:
+        size_only = torch.empty(()).expand(1, height, width)  # all get_params reads of an image is its shape
+        return tuple(transforms.RandomResizedCrop.get_params(size_only, self.scale, self.ratio))
+
+
+CropSampler = Callable[[int, int], CropBox]  # (width, height) -> box; e.g. TFRandomResizedCrop(...).crop_box
+
+
+def draw_crop(image_size: Tuple[int, int], crop_box: CropSampler) -> Tuple[CropBox, bool]:
+    """(crop box, flip) for an image of ``image_size`` (width, height), drawn in the PIL path's order: the
+    crop transform's draws, then RandomHorizontalFlip's."""
+    box = tuple(crop_box(*image_size))
     flip = bool(torch.rand(1) < 0.5)
-    return tuple(box), flip
+    return box, flip
 
 
 def dct_scale(box: CropBox, size: int) -> int:
@@ -87,15 +99,16 @@ def _pil_resized_crop(image: Image.Image, box: CropBox, size: int, reduction: in
 
 class FastRandomResizedCrop:
     """Loader of the ``fast`` backend: a sample (file path or shard member) -> uint8 (3, size, size) crop of
-    MAE's distribution."""
+    MAE's distribution (``crop_box``: torchvision's RandomResizedCrop with ``scale`` unless given)."""
 
-    def __init__(self, size: int, scale: Tuple[float, float] = (0.2, 1.0)) -> None:
-        self.size, self.scale = size, scale
+    def __init__(self, size: int, scale: Tuple[float, float] = (0.2, 1.0),
+                 crop_box: Optional[CropSampler] = None) -> None:
+        self.size, self.crop_box = size, crop_box or TorchvisionCropBox(scale)
 
     def __call__(self, source) -> torch.Tensor:
         data = read_bytes(source)
         image = Image.open(io.BytesIO(data))  # parses the header only
-        box, flip = draw_crop(image.size, self.scale)
+        box, flip = draw_crop(image.size, self.crop_box)
         return resized_crop(data, box, self.size, flip, image)
 
 

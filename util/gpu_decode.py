@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from util.fast_crop import draw_crop, normalize_pixels
+from util.fast_crop import CropSampler, TorchvisionCropBox, draw_crop, normalize_pixels
 from util.shards import read_bytes
 
 logger = logging.getLogger('maskalign.data')
@@ -33,10 +33,12 @@ EncodedSample = Tuple[torch.Tensor, torch.Tensor, bool, str]
 
 
 class EncodedCrop:
-    """Loader of the ``gpu`` backend: a sample's bytes and its crop, nothing decoded."""
+    """Loader of the ``gpu`` backend: a sample's bytes and its crop, nothing decoded (``crop_box`` as in
+    `FastRandomResizedCrop`)."""
 
-    def __init__(self, size: int, scale: Tuple[float, float] = (0.2, 1.0)) -> None:
-        self.size, self.scale = size, scale
+    def __init__(self, size: int, scale: Tuple[float, float] = (0.2, 1.0),
+                 crop_box: Optional[CropSampler] = None) -> None:
+        self.size, self.crop_box = size, crop_box or TorchvisionCropBox(scale)
 
     def __call__(self, source) -> EncodedSample:
         data = read_bytes(source)
@@ -45,7 +47,7 @@ class EncodedCrop:
             # the commonest corruption; caught here, it does not depend on how nvJPEG treats a cut file
             raise OSError('JPEG without an end-of-image marker (truncated file)')
         width_height = image.size
-        (top, left, h, w), flip = draw_crop(width_height, self.scale)
+        (top, left, h, w), flip = draw_crop(width_height, self.crop_box)
         box = torch.tensor([left, top, left + w, top + h], dtype=torch.float32)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, str(source)
 
