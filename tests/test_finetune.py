@@ -356,10 +356,10 @@ def test_linprobe_crop_is_maes_single_draw_crop():
 
 def test_linprobe_uses_maes_crop_unless_asked_otherwise(labelled):
     argv = finetune_argv(labelled, "unused", "--linprobe")
-    train, _ = main_finetune.build_datasets(main_finetune.parse_args(argv))
+    train = main_finetune.build_datasets(main_finetune.parse_args(argv))[0].dataset
     assert isinstance(train.transform.transforms[0], TFRandomResizedCrop)
     assert train[0][0].shape == (3, 32, 32)
-    train, _ = main_finetune.build_datasets(main_finetune.parse_args([*argv, "--linprobe_crop", "torchvision"]))
+    train = main_finetune.build_datasets(main_finetune.parse_args([*argv, "--linprobe_crop", "torchvision"]))[0].dataset
     assert type(train.transform.transforms[0]) is transforms.RandomResizedCrop
 
 
