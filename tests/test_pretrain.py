@@ -145,6 +145,10 @@ def test_atomic_save_leaves_no_temp_files(tmp_path):
     (["--mask_type", "block"], "invalid choice"),
     (["--loss_weights", "best"], "topK"),
     (["--device", "cuda"], "CUDA is not available"),
+    (["--data_path", "/no/such/shard-{0..3}.tar"], "4 shard(s) do not exist"),
+    (["--data_backend", "gpu", "--device", "cpu"], "needs --device cuda"),
+    (["--data_backend", "nvjpeg"], "invalid choice"),
+    (["--prefetch_factor", "0"], "--prefetch_factor"),
 ])
 def test_bad_flags_exit_2_before_any_model(flags, message, capsys, monkeypatch):
     monkeypatch.setattr(main_pretrain, "build_model", lambda args: pytest.fail("model built"))
