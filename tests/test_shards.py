@@ -183,3 +183,22 @@ def test_linprobe_on_train_and_val_shards_with_the_fast_backend(tmp_path):
     assert main_finetune.run(argv) == 0
     record = json.loads(open(tmp_path / 'out' / 'log.txt').readline())
     assert 'test_acc1' in record and record['bad_images'] == 0
+
+
+def test_two_ranks_on_shards_match_one_process(tmp_path, teacher_file):
+    """torchrun with 2 gloo ranks x 2 workers on shards (fast backend) trains what one process with twice the
+    batch trains: each rank read its share of the samples, with the same crops."""
+    import subprocess
+    import sys
+    make_photos(tmp_path / 'photos', n=24)
+    _shard(tmp_path / 'photos' / 'train', tmp_path / 'shards', 7)
+    common = ('--epochs', '1', '--mask_ratio', '0.0', '--drop_path', '0', '--lr', '1e-3', '--data_backend', 'fast',
+              '--num_workers', '2')
+    assert run_pretrain(tmp_path / 'shards', tmp_path / 'single', teacher_file, *common, '--batch_size', '8') == 0
+    argv = pretrain_argv(tmp_path / 'shards', tmp_path / 'ddp', teacher_file, *common, '--batch_size', '4')
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'main_pretrain.py', *argv], cwd=repo, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(weights(tmp_path / 'single'), weights(tmp_path / 'ddp'), exact=False)
