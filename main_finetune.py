@@ -51,7 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="extra timm.create_model arguments, e.g. depth=6")
     g.add_argument("--finetune", default="", help="pre-trained checkpoint: ours, MAE's, the reference "
                                                   "MaskAlign code's, a timm state dict or .safetensors")
-    g.add_argument("--nb_classes", type=int, default=1000)
+    g.add_argument("--nb_classes", type=int, default=None, help="classifier outputs (default: the number of "
+                   "classes in the data; a larger value is allowed with a warning, a smaller one is refused)")
     g.add_argument("--global_pool", action="store_true", default=True, help="average-pool the patch tokens")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify from [CLS] instead")
     g.add_argument("--linprobe", action="store_true", help="linear probing: frozen backbone, BN + linear head")
@@ -87,10 +88,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = get_args_parser()
     args = cli.parse(parser, argv, presets={"--linprobe": LINPROBE_DEFAULTS})
+    cli.resolve_classification(parser, args)
     if mixup_active(args) and args.batch_size % 2:
         parser.error("mixup/cutmix need an even --batch_size")
     if args.model not in timm.list_models() and args.model not in timm.list_models(pretrained=True):
         parser.error(f"--model {args.model} is not a timm model")
+    cli.check_model(parser, args, lambda: create_vit(args), MODEL_FLAGS)
     return args
 
 
@@ -98,10 +101,19 @@ def mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
+# Model arguments that flags set: --model_kwargs must not give them a second value.
+MODEL_FLAGS = {"num_classes": "use --nb_classes", "img_size": "use --input_size", "drop_path_rate": "use --drop_path",
+               "global_pool": "use --global_pool or --cls_token", "pretrained": "use --finetune FILE"}
+
+
+def create_vit(args) -> nn.Module:
+    return timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes or 1000,
+                             img_size=args.input_size, drop_path_rate=args.drop_path,
+                             global_pool="avg" if args.global_pool else "token", **args.model_kwargs)
+
+
 def build_model(args) -> nn.Module:
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes, img_size=args.input_size,
-                              drop_path_rate=args.drop_path, global_pool="avg" if args.global_pool else "token",
-                              **args.model_kwargs)
+    model = create_vit(args)
     if args.finetune:
         load_into(model, read_backbone(args.finetune), expected_name=args.model)
     nn.init.trunc_normal_(model.head.weight, std=0.01 if args.linprobe else 2e-5)

@@ -84,8 +84,11 @@ def test_image_folder_and_file_list_agree(image_root, tmp_path):
 
 
 def test_split_subdirectory(image_root, tmp_path):
-    # No data_path/val: fall back to data_path itself.
-    assert build_dataset(str(image_root), None, split='val').classes == ['a_dark', 'b_bright']
+    # No data_path/train: train on data_path itself; but no data_path/val is never "evaluate on the training
+    # images" (issue 11, item 6).
+    assert build_dataset(str(image_root), None, split='train').classes == ['a_dark', 'b_bright']
+    with pytest.raises(FileNotFoundError, match='val'):
+        build_dataset(str(image_root), None, split='val')
     (tmp_path / 'imagenet').mkdir()
     os.rename(image_root, tmp_path / 'imagenet' / 'train')
     ds = build_dataset(str(tmp_path / 'imagenet'), None, split='train')

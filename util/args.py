@@ -14,8 +14,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from maskalign.alignment import ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS
-from maskalign.masking import MASK_TYPES
-from maskalign.teachers import resolve_teacher_spec
+from maskalign.masking import MASK_TYPES, num_visible
+from maskalign.teachers import RANDOM_WEIGHTS, is_hub_tag, resolve_teacher_spec
+from util.data import check_data_root, count_classes
 
 AMP_CHOICES = ("bf16", "fp16", "none")
 
@@ -127,20 +128,37 @@ def add_maskalign_args(parser: argparse.ArgumentParser) -> None:
                    help="also align the [CLS] token")
 
 
+PATCH_SIZE = 16  # every student and fine-tuning ViT here is /16 unless --model_kwargs patch_size=... says otherwise
+
+
 def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject inconsistent flags (exit code 2) before anything heavy runs."""
+    patch = _patch_size(args)
     checks = [
         (args.batch_size >= 1, "--batch_size must be >= 1"),
         (args.epochs >= 1, "--epochs must be >= 1"),
+        (0 <= args.start_epoch < args.epochs,
+         f"--start_epoch {args.start_epoch} must be in [0, --epochs {args.epochs}): no epoch would run"),
         (args.accum_iter >= 1, "--accum_iter must be >= 1"),
-        (args.input_size % 16 == 0, f"--input_size {args.input_size} must be a multiple of the patch size 16"),
+        (args.lr is None or args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (args.blr > 0, f"--blr must be > 0, got {args.blr}"),
+        (args.min_lr >= 0, f"--min_lr must be >= 0, got {args.min_lr}"),
+        (args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}"),
+        (args.clip_grad is None or args.clip_grad > 0,
+         f"--clip_grad is the largest gradient norm allowed and must be > 0, got {args.clip_grad} "
+         f"(leave the flag out to train without clipping)"),
+        (args.warmup_epochs is None or args.warmup_epochs >= 0, f"--warmup_epochs must be >= 0, got {args.warmup_epochs}"),
+        (0.0 <= args.drop_path < 1.0, f"--drop_path is a probability and must be in [0, 1), got {args.drop_path}"),
+        (args.input_size > 0 and args.input_size % patch == 0,
+         f"--input_size {args.input_size} must be a positive multiple of the patch size {patch}"),
+        (args.num_workers >= 0, f"--num_workers must be >= 0 (0 loads data in the main process), got {args.num_workers}"),
+        (args.print_freq >= 1, f"--print_freq must be >= 1 (log every N steps), got {args.print_freq}"),
         (0.0 <= args.max_bad_fraction <= 1.0, "--max_bad_fraction must be in [0, 1]"),
         (args.save_interval_min >= 0, "--save_interval_min must be >= 0"),
         (args.save_freq >= 1, "--save_freq must be >= 1"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device} asked for but CUDA is not available; use --device cpu"),
         (args.amp != "fp16" or args.device.startswith("cuda"), "--amp fp16 needs CUDA; use bf16 or none"),
-        (args.data_path is None or os.path.exists(args.data_path), f"--data_path {args.data_path} does not exist"),
         (args.file_list is None or os.path.isfile(args.file_list), f"--file_list {args.file_list} does not exist"),
         (not args.resume or os.path.isfile(args.resume), f"--resume {args.resume} does not exist"),
     ]
@@ -150,11 +168,13 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    if hasattr(args, "mask_ratio"):
+        _check_visible_patches(parser, args, patch)
+    if args.data_path is not None:
+        _check_data(parser, args)
+    _check_output_dir(parser, args.output_dir)
     if hasattr(args, "teacher"):
-        try:
-            resolve_teacher_spec(args.teacher, args.teacher_weights)
-        except ValueError as e:
-            parser.error(str(e))
+        _check_teacher(parser, args.teacher, args.teacher_weights)
     if args.amp is None:
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
     if args.warmup_epochs is None:
@@ -162,6 +182,107 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     if args.log_dir is None:
         args.log_dir = args.output_dir
     return args
+
+
+def _patch_size(args: argparse.Namespace) -> int:
+    patch = getattr(args, "model_kwargs", {}).get("patch_size", PATCH_SIZE)
+    return patch if isinstance(patch, int) and patch > 0 else PATCH_SIZE  # a bad value is reported by check_model
+
+
+def _check_visible_patches(parser: argparse.ArgumentParser, args: argparse.Namespace, patch: int) -> None:
+    """MAE keeps int(N * (1 - mask_ratio)) patches: with few patches that can be none at all."""
+    num_patches = (args.input_size // patch) ** 2
+    if num_visible(num_patches, args.mask_ratio) < 1:
+        parser.error(f"--mask_ratio {args.mask_ratio} at --input_size {args.input_size} leaves the student "
+                     f"int({num_patches} x (1 - {args.mask_ratio})) = 0 of {num_patches} patches to see; "
+                     f"lower --mask_ratio or raise --input_size")
+
+
+def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        check_data_root(args.data_path, "train", args.file_list)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+
+
+def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    """The run must be able to create its directory and write checkpoints into it; finding out after the
+    first epoch would lose that epoch."""
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        parser.error(f"--output_dir {output_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--output_dir {output_dir}: {existing} is not writable; choose another --output_dir")
+
+
+def _check_teacher(parser: argparse.ArgumentParser, teacher: str, weights: Optional[str]) -> None:
+    try:
+        spec = resolve_teacher_spec(teacher, weights)
+    except ValueError as e:
+        parser.error(str(e))
+    if weights and not os.path.isfile(weights) and spec.weights != RANDOM_WEIGHTS and not is_hub_tag(spec):
+        parser.error(f"--teacher_weights {weights}: no such file"
+                     + (f" and not a pretrained tag of open_clip's {spec.model_name}"
+                        if spec.library == "open_clip" else ""))
+
+
+def check_model(parser: argparse.ArgumentParser, args: argparse.Namespace, build: Callable[[], torch.nn.Module],
+                set_by_flags: dict[str, str]) -> None:
+    """--model_kwargs against the architecture, before any real model exists: a key that a flag owns is
+    refused, then `build()` runs on the meta device (no memory, no weights, no teacher), so an unknown key,
+    a wrong type (depth=abc) or an impossible shape fails here with exit code 2."""
+    for key in args.model_kwargs:
+        if key in set_by_flags:
+            parser.error(f"--model_kwargs {key}=...: {set_by_flags[key]}")
+    try:
+        with torch.device("meta"):
+            build()
+    except Exception as e:  # the constructor's own message names the argument; it is the user's input
+        given = " ".join(f"{k}={v}" for k, v in args.model_kwargs.items())
+        parser.error(f"--model {args.model}" + (f" with --model_kwargs {given}" if given else "")
+                     + f" cannot be built: {type(e).__name__}: {e}")
+
+
+def resolve_classification(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fine-tuning, linear probing and --eval: an existing --finetune file, a validation set that is not the
+    training set, and --nb_classes that fits the data (inferred from it when not given)."""
+    if args.finetune and not os.path.isfile(args.finetune):
+        parser.error(f"--finetune {args.finetune} does not exist")
+    if args.val_file_list is not None and not os.path.isfile(args.val_file_list):
+        parser.error(f"--val_file_list {args.val_file_list} does not exist")
+    if args.data_path is None:
+        return
+    if args.val_file_list is None and not os.path.isdir(os.path.join(args.data_path, "val")):
+        parser.error(f"--data_path {args.data_path} has no val/ folder. Every epoch is evaluated on "
+                     f"<data_path>/val/<class>/<image> (MAE's layout); add that folder or give "
+                     f"--val_file_list FILE ('relative/path label' lines, paths relative to --data_path)")
+    try:
+        check_data_root(args.data_path, "val", args.val_file_list)
+        num_classes = _class_count(args)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    if args.nb_classes is None:
+        args.nb_classes = num_classes
+    elif args.nb_classes < num_classes:
+        parser.error(f"--nb_classes {args.nb_classes} is smaller than the {num_classes} classes in "
+                     f"{args.data_path}; leave it out to use the data's count")
+    elif args.nb_classes > num_classes and os.environ.get("RANK", "0") == "0":
+        print(f"warning: --nb_classes {args.nb_classes} but {args.data_path} has {num_classes} classes; "
+              f"{args.nb_classes - num_classes} outputs of the head will never be trained", file=sys.stderr)
+
+
+def _class_count(args: argparse.Namespace) -> int:
+    """Classes of train and val together; two ImageFolders must name the same classes, since each numbers
+    its own sorted folders and a class missing on one side would shift every label after it."""
+    train, train_names = count_classes(args.data_path, "train", args.file_list)
+    val, val_names = count_classes(args.data_path, "val", args.val_file_list)
+    if train_names is not None and val_names is not None and train_names != val_names:
+        only_train, only_val = sorted(set(train_names) - set(val_names)), sorted(set(val_names) - set(train_names))
+        raise ValueError(f"the class folders of the training and validation sets differ (only in training: "
+                         f"{only_train[:5]}, only in val/: {only_val[:5]}), so their labels would not match")
+    return max(train, val)
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
