@@ -44,7 +44,7 @@ LINPROBE_DEFAULTS = dict(batch_size=512, epochs=90, blr=0.1, weight_decay=0.0, w
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MaskAlign fine-tuning / linear probing",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16_224", help="timm ViT to fine-tune")
     g.add_argument("--model_kwargs", nargs="*", action=cli.ParseKwargs, default={}, metavar="KEY=VALUE",

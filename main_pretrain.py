@@ -28,7 +28,7 @@ logger = logging.getLogger("maskalign")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MaskAlign pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser("MaskAlign pre-training", formatter_class=cli.HelpFormatter)
     parser.add_argument("--model", default="maskalign_vit_base_patch16", choices=timm.list_models("maskalign*"),
                         help="student architecture")
     parser.add_argument("--model_kwargs", nargs="*", action=cli.ParseKwargs, default={}, metavar="KEY=VALUE",

@@ -9,6 +9,7 @@ import ast
 import os
 import re
 import sys
+import tempfile
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from maskalign.alignment import ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS
 from maskalign.masking import MASK_TYPES, num_visible
 from maskalign.teachers import RANDOM_WEIGHTS, is_hub_tag, resolve_teacher_spec
+from util.cli_help import HelpFormatter  # noqa: F401  (the entry points' formatter_class)
 from util.data import check_data_root, count_classes
 
 AMP_CHOICES = ("bf16", "fp16", "none")
@@ -32,6 +34,15 @@ def _top_k(value: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"expected K or topK (e.g. 5 or top5), got {value!r}")
     return int(match.group(1))
+
+
+def _fusion_type(value: str) -> str:
+    """The reference code's --fusion_type names for our --align forms ('sum' has no counterpart here)."""
+    forms = {"linear": "official", "simple": "layerwise"}
+    if value not in forms:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose linear = --align official, or "
+                                         f"simple = --align layerwise)")
+    return forms[value]
 
 
 class ParseKwargs(argparse.Action):
@@ -91,7 +102,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epoch
     g.add_argument("--print_freq", type=int, default=20)
 
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda where available, else cpu)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dist_timeout_min", type=int, default=30, help="collective timeout before ranks give up")
     # torch.distributed.launch (and older MAE scripts) pass this; torchrun's LOCAL_RANK is what we read
@@ -109,16 +121,17 @@ def add_maskalign_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher_weights", default=None,
                    help="local teacher weights file (or an open_clip pretrained tag); needed offline")
     g.add_argument("--mask_type", type=_alias({"attention": "attentive"}), choices=MASK_TYPES,
-                   default="attentive", help="[random | attention]")
+                   default="attentive", help="which patches the student sees: random, or attentive (sampled by "
+                                             "the teacher's [CLS] attention) [attention = attentive]")
     g.add_argument("--mask_ratio", type=float, default=0.7, help="share of patches the student does not see")
     g.add_argument("--top_k", "--loss_weights", dest="top_k", type=_top_k, default=5,
                    help="align the last K teacher blocks [--loss_weights topK]")
     g.add_argument("--align", dest="align", choices=ALIGN_FORMS, default="dynamic",
                    help="dynamic = eq. (1); official = the reference code's mix-then-adapt; layerwise = no W")
     # The reference code's `--fusion_type linear` mixes with W, then adapts: our `official` form.
-    g.add_argument("--fusion_type", dest="align", choices=ALIGN_FORMS, default=argparse.SUPPRESS,
-                   type=_alias({"linear": "official", "simple": "layerwise"}),
-                   help="reference-code name: linear = --align official, simple = --align layerwise")
+    g.add_argument("--fusion_type", dest="align", default=argparse.SUPPRESS, type=_fusion_type,
+                   metavar="{linear,simple}",
+                   help="the reference code's name for --align: linear = official, simple = layerwise")
     g.add_argument("--adaptor", "--head_type", dest="adaptor", choices=ADAPTORS, default="linear")
     g.add_argument("--target_norm", type=_alias({"whiten": "ln"}), choices=TARGET_NORMS, default="ln",
                    help="per-token target normalisation [whiten = ln]")
@@ -207,14 +220,19 @@ def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str) -> None:
     """The run must be able to create its directory and write checkpoints into it; finding out after the
-    first epoch would lose that epoch."""
+    first epoch would lose that epoch. A real write, because permission bits say nothing about read-only
+    file systems, nor about what root may do."""
     existing = os.path.abspath(output_dir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         parser.error(f"--output_dir {output_dir}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        parser.error(f"--output_dir {output_dir}: {existing} is not writable; choose another --output_dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        parser.error(f"--output_dir {output_dir}: cannot write in {existing} ({e.strerror}); "
+                     f"choose another --output_dir")
 
 
 def _check_teacher(parser: argparse.ArgumentParser, teacher: str, weights: Optional[str]) -> None:

@@ -37,7 +37,14 @@ _MIN_ATTEMPTS_FOR_CHECK = 100
 
 
 class TooManyBadSamplesError(RuntimeError):
-    """More than ``max_bad_fraction`` of the loaded images were unreadable."""
+    """More than ``max_bad_fraction`` of the loaded images were unreadable, or too many in a row."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's error comes back as this type with the worker's traceback in the message;
+        # the run reports it as one line, so keep only the original message (the traceback's last line).
+        if message.startswith('Caught ') and 'Traceback' in message:
+            message = message.rstrip().splitlines()[-1].split(': ', 1)[-1]
+        super().__init__(message)
 
 
 def build_pretrain_transform(input_size: int, scale: Tuple[float, float] = (0.2, 1.0)) -> transforms.Compose:
