@@ -309,10 +309,11 @@ def build_specs(args: argparse.Namespace, train_argv: list[str]) -> list[JobSpec
         specs.append(JobSpec(name, overrides, argv, out))
     _check_unique(specs)
     assume_cuda = args.ngpus > 0 and not args.local
-    for spec in specs:
-        pending = _pending_files(spec.argv) if args.after else set()
-        train_args = _validate(module, spec, assume_cuda, pending, point=spec.name if args.sweep else None)
-        if hasattr(train_args, "teacher") and not (args.local or args.nodes_online):
+    parsed = [_validate(module, spec, assume_cuda, _pending_files(spec.argv) if args.after else set(),
+                        point=spec.name if args.sweep else None) for spec in specs]
+    if not (args.local or args.nodes_online):
+        teachers = {(a.teacher, a.teacher_weights, a.demo): a for a in parsed if hasattr(a, "teacher")}
+        for train_args in teachers.values():  # once per distinct teacher of a sweep
             _check_teacher_offline(train_args)
     return specs
 

@@ -82,6 +82,7 @@ def test_bad_data_and_output_dirs_exit_2(data_dir, tmp_path, teacher_file, read_
         ({"data": tmp_path / "no_images"}, "has no images with extensions"),
         ({"data": a_file}, f"--data_path {a_file} is a file, not a directory"),
         ({"data": tmp_path / "missing"}, "does not exist"),
+        ({"data": ""}, "--data_path is empty"),
         ({"out": a_file}, f"--output_dir {a_file}: {a_file} is a file"),
         ({"out": a_file / "run1"}, f"{a_file} is a file"),
         ({"out": os.path.join(read_only_dir, "run1")}, f"cannot write in {read_only_dir}"),

@@ -260,6 +260,8 @@ def _class_dirs(root: str) -> List[str]:
 def check_data_root(data_path: str, split: Optional[str] = 'train', file_list: Optional[str] = None) -> None:
     """Cheap start-up check (no image is opened, the listing stops at the first image found): raises
     ValueError naming what is wrong with ``data_path``."""
+    if not data_path:
+        raise ValueError('--data_path is empty; give the folder that holds the images (or train/ and val/)')
     if not os.path.isdir(data_path):
         problem = 'is a file, not a directory' if os.path.exists(data_path) else 'does not exist'
         raise ValueError(f'--data_path {data_path} {problem}; it must be a directory of images')
