@@ -1,6 +1,7 @@
 """Teachers on tiny random models: outputs against each library's own forward, loading, errors."""
 import copy
 import json
+import socket
 import time
 import warnings
 
@@ -413,7 +414,7 @@ def connections(monkeypatch):
         attempts.append((address, timeout))
         raise OSError(101, "Network is unreachable")
 
-    monkeypatch.setattr(teachers.socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
     return attempts
 
 
@@ -436,7 +437,7 @@ def test_hub_reachability_goes_through_the_https_proxy(monkeypatch, connections)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
     assert teachers.hub_reachable() is False
     assert connections[-1][0] == ("proxy.example.org", 3128)
-    monkeypatch.setattr(teachers.socket, "create_connection", lambda address, timeout=None: open(__file__))
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: open(__file__))
     assert teachers.hub_reachable() is True
 
 

@@ -236,14 +236,17 @@ def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str) -> None:
 
 
 def _check_teacher(parser: argparse.ArgumentParser, teacher: str, weights: Optional[str]) -> None:
+    """A teacher spec that resolves, and weights that are a file, a hub tag or 'random' (a missing file
+    would otherwise surface only after the data is listed, or after a SLURM queue)."""
     try:
         spec = resolve_teacher_spec(teacher, weights)
     except ValueError as e:
         parser.error(str(e))
-    if weights and not os.path.isfile(weights) and spec.weights != RANDOM_WEIGHTS and not is_hub_tag(spec):
-        parser.error(f"--teacher_weights {weights}: no such file"
-                     + (f" and not a pretrained tag of open_clip's {spec.model_name}"
-                        if spec.library == "open_clip" else ""))
+    if spec.weights in (None, RANDOM_WEIGHTS) or os.path.isfile(spec.weights) or is_hub_tag(spec):
+        return
+    given = f"--teacher_weights {weights}" if weights else f"--teacher {teacher}"
+    parser.error(f"{given}: no such file" + (f" and not a pretrained tag of open_clip's {spec.model_name}"
+                                             if spec.library == "open_clip" else ""))
 
 
 def check_model(parser: argparse.ArgumentParser, args: argparse.Namespace, build: Callable[[], torch.nn.Module],
