@@ -78,7 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only evaluate (--resume or --finetune weights)")
     g.add_argument("--dist_eval", action="store_true", help="shard the validation set across processes")
-    g.add_argument("--val_file_list", default=None, help="file list for validation ('path label' lines)")
+    g.add_argument("--val_file_list", default=None, help="validation set as a file list ('path label' lines) "
+                   "instead of <data_path>/val/; without either, fine-tuning refuses to start")
 
     cli.add_training_args(parser, batch_size=128, epochs=100, blr=3e-4, drop_path=0.2, weight_decay=0.05,
                           warmup_epochs=5)

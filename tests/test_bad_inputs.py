@@ -226,3 +226,9 @@ def test_fusion_type_takes_the_reference_names_only(capsys):
     with pytest.raises(SystemExit):
         main_pretrain.parse_args(["--fusion_type", "sum", "--device", "cpu"])
     assert "choose linear = --align official, or simple = --align layerwise" in capsys.readouterr().err
+
+
+def test_eval_needs_only_the_validation_set(tmp_path, monkeypatch):
+    no_model(monkeypatch)
+    data = classes_dir(tmp_path / "data", splits=("val",), classes=("a", "b"))
+    assert main_finetune.parse_args(finetune_argv(data, tmp_path / "out", "--eval")).nb_classes == 2

@@ -297,8 +297,10 @@ def resolve_classification(parser: argparse.ArgumentParser, args: argparse.Names
 def _class_count(args: argparse.Namespace) -> int:
     """Classes of train and val together; two ImageFolders must name the same classes, since each numbers
     its own sorted folders and a class missing on one side would shift every label after it."""
-    train, train_names = count_classes(args.data_path, "train", args.file_list)
     val, val_names = count_classes(args.data_path, "val", args.val_file_list)
+    if args.eval:  # the training set plays no part
+        return val
+    train, train_names = count_classes(args.data_path, "train", args.file_list)
     if train_names is not None and val_names is not None and train_names != val_names:
         only_train, only_val = sorted(set(train_names) - set(val_names)), sorted(set(val_names) - set(train_names))
         raise ValueError(f"the class folders of the training and validation sets differ (only in training: "
