@@ -412,7 +412,8 @@ def slurm_parameters(args: argparse.Namespace, num_jobs: int) -> dict[str, Any]:
                   gpus_per_node=args.ngpus or None, cpus_per_task=args.cpus_per_task,
                   mem=f"{args.mem_gb}GB" if args.mem_gb else None, partition=args.partition, account=args.account,
                   qos=args.qos, comment=args.comment, constraint=args.constraint,
-                  signal_delay_s=args.signal_delay_s, setup=[pythonpath_setup(), *hub_env_setup(args), *args.setup],
+                  signal_delay_s=args.signal_delay_s,
+                  setup=[pythonpath_setup(), *hub_env_setup(args), *args.setup],
                   additional_parameters={**args.slurm, **({"dependency": f"afterok:{args.after}"} if args.after
                                                           else {})} or None,
                   array_parallelism=min(args.array_parallelism, num_jobs) if num_jobs > 1 else None)

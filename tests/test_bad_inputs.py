@@ -114,7 +114,8 @@ def test_all_bad_dataset_ends_with_one_line_and_exit_1(tmp_path, teacher_file, c
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if " ERROR " in line]
     assert len(errors) == 1
-    assert "ERROR 50 consecutive images failed to load" in errors[0] and errors[0].endswith("is the data directory readable?")
+    assert "ERROR 50 consecutive images failed to load" in errors[0]
+    assert errors[0].endswith("is the data directory readable?")
 
 
 # ------------------------------------------------------------------------------------------- fine-tuning

@@ -384,10 +384,12 @@ def test_teacher_and_checkpoint_files_are_checked_before_submitting(tmp_path, da
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
     missing = str(tmp_path / "ViT-B-16.pt")
     for argv, message in [
-        (["pretrain", "--data_path", data_dir, "--teacher_weights", missing], f"--teacher_weights {missing}: no such file"),
+        (["pretrain", "--data_path", data_dir, "--teacher_weights", missing],
+         f"--teacher_weights {missing}: no such file"),
         # a hub tag and no --teacher_weights: the nodes are assumed offline and nothing is cached here
-        (["pretrain", "--data_path", data_dir], "takes its weights from the Hugging Face hub (timm/vit_base_patch16_clip"),
-        (["finetune", "--data_path", with_val(data_dir, tmp_path), "--finetune", missing], f"--finetune {missing} does not exist"),
+        (["pretrain", "--data_path", data_dir], "takes its weights from the Hugging Face hub (timm/vit_base"),
+        (["finetune", "--data_path", with_val(data_dir, tmp_path), "--finetune", missing],
+         f"--finetune {missing} does not exist"),
     ]:
         if argv[0] == "pretrain" and "--teacher_weights" not in argv:
             argv += ["--teacher", "timm:vit_base_patch16_clip_224.openai"]
