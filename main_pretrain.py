@@ -22,13 +22,16 @@ from util.demo import DEMO_DEFAULTS, prepare_demo_data, prepare_demo_teacher
 from util.distributed import DistEnv, barrier
 from util.metrics import TensorboardWriter
 from util.optim import param_groups_weight_decay
+from util.recipes import recipes_for
 from util.sampler import PerSampleSeeded
 
 logger = logging.getLogger("maskalign")
+RECIPES = recipes_for("pretrain")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MaskAlign pre-training", formatter_class=cli.HelpFormatter)
+    parser = cli.new_parser("MaskAlign pre-training")
+    cli.add_recipe_arg(parser, RECIPES)
     parser.add_argument("--model", default="maskalign_vit_base_patch16", choices=timm.list_models("maskalign*"),
                         help="student architecture")
     parser.add_argument("--model_kwargs", nargs="*", action=cli.ParseKwargs, default={}, metavar="KEY=VALUE",
@@ -51,7 +54,7 @@ MODEL_FLAGS = {"img_size": "use --input_size", "drop_path_rate": "use --drop_pat
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = get_args_parser()
-    args = cli.parse(parser, argv, presets={"--demo": DEMO_DEFAULTS})
+    args = cli.parse(parser, argv, presets={"--demo": DEMO_DEFAULTS}, recipes=RECIPES)
     cli.check_model(parser, args, lambda: models_maskalign.student_vit(
         args.model, img_size=args.input_size, drop_path_rate=args.drop_path, **args.model_kwargs), MODEL_FLAGS)
     return args

@@ -1,4 +1,4 @@
-"""Command-line flags shared by main_pretrain.py, main_finetune.py and submitit_launch.py.
+"""Command-line flags shared by the entry points (main_pretrain.py, main_finetune.py, submitit_launch.py, ...).
 
 Flags keep MAE's names and meanings; the MaskAlign reference code's flag names are accepted as aliases
 (docs/method.md), e.g. `--mask_type attention`, `--fusion_type linear`, `--target_norm whiten`, `--loss_weights top5`.
@@ -6,6 +6,7 @@ Validation happens here, before any model is built, and fails with exit code 2.
 """
 import argparse
 import ast
+import copy
 import os
 import re
 import sys
@@ -17,8 +18,8 @@ import torch
 from maskalign.alignment import ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS
 from maskalign.masking import MASK_TYPES, num_visible
 from maskalign.teachers import RANDOM_WEIGHTS, is_hub_tag, resolve_teacher_spec
-from util.cli_help import HelpFormatter  # noqa: F401  (the entry points' formatter_class)
 from util.data import check_data_root, count_classes
+from util.recipes import Recipe
 
 AMP_CHOICES = ("bf16", "fp16", "none")
 
@@ -39,6 +40,8 @@ def _top_k(value: str) -> int:
 def _fusion_type(value: str) -> str:
     """The reference code's --fusion_type names for our --align forms ('sum' has no counterpart here)."""
     forms = {"linear": "official", "simple": "layerwise"}
+    if value in ALIGN_FORMS:  # our own names pass: a recipe's `align` default reaches this flag too (same dest)
+        return value
     if value not in forms:
         raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose linear = --align official, or "
                                          f"simple = --align layerwise)")
@@ -59,6 +62,55 @@ class ParseKwargs(argparse.Action):
             except (ValueError, SyntaxError):
                 kwargs[key] = value
         setattr(namespace, self.dest, kwargs)
+
+
+_STATES_DEFAULT = re.compile(r"\(default|default:|by default", re.IGNORECASE)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with every option's default exactly once: appended unless the help text already states it,
+    also for options without help text (argparse shows nothing for them). A switch says whether it is on by
+    default (argparse would print its destination's value: True for --cls_token, which is off). Description
+    and epilog (the recipe list) keep their line breaks."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if not action.help and _shows_default(action):
+            action = copy.copy(action)  # the parser's own action keeps its (empty) help
+            action.help = f"(default: {_default_text(action)})"
+        super().add_argument(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not _shows_default(action) or _STATES_DEFAULT.search(text):
+            return text
+        return f"{text} (default: {_default_text(action)})"
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    return bool(action.option_strings) and action.default is not argparse.SUPPRESS
+
+
+def _default_text(action: argparse.Action) -> str:
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return "on" if action.default else "off"
+    if action.nargs == 0:  # store_true / store_false / store_const
+        return "on" if action.default == action.const else "off"
+    return "not set" if action.default in (None, "") else "%(default)s"
+
+
+def new_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of every entry point. Abbreviations are off: `--linprob` must be an error, not a silent
+    `--linprobe` that skips the presets `parse` applies for the full switch."""
+    return argparse.ArgumentParser(description=description, allow_abbrev=False, formatter_class=HelpFormatter)
+
+
+def add_recipe_arg(parser: argparse.ArgumentParser, recipes: dict[str, Recipe]) -> None:
+    """`--recipe NAME`: a published setting applied as defaults (see `parse`); listed at the end of --help."""
+    parser.add_argument("--recipe", choices=list(recipes), default=None, metavar="NAME",
+                        help="named settings (listed below), applied as defaults: explicit flags win")
+    width = max(map(len, recipes))
+    listing = "\n".join(f"  {name:<{width}}  [{recipe.source}] {recipe.summary}" for name, recipe in recipes.items())
+    parser.epilog = "\n".join(filter(None, [parser.epilog, f"recipes (util/recipes.py has their flags):\n{listing}"]))
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, blr: float,
@@ -311,11 +363,27 @@ def _class_count(args: argparse.Namespace) -> int:
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
-          presets: Optional[dict[str, dict]] = None) -> argparse.Namespace:
-    """Parse and validate. `presets` maps a switch (e.g. `--demo`) to the defaults it brings; flags given
-    explicitly on the command line still win over a preset."""
+          presets: Optional[dict[str, dict]] = None,
+          recipes: Optional[dict[str, Recipe]] = None) -> argparse.Namespace:
+    """Parse and validate. `presets` maps a switch (e.g. `--demo`) to the defaults it brings, and `--recipe
+    NAME` brings `recipes[NAME].flags` on top of them; flags given explicitly on the command line win over
+    both."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for switch, defaults in (presets or {}).items():
         if switch in argv:
             parser.set_defaults(**defaults)
+    recipe = (recipes or {}).get(flag_value(argv, "--recipe"))
+    if recipe is not None:  # an unknown name is left to argparse's `choices` error
+        parser.set_defaults(**recipe.flags)
     return resolve(parser, parser.parse_args(argv))
+
+
+def flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    """The last value given to `flag` (argparse's "last one wins"), in either `--f v` or `--f=v` form."""
+    value = None
+    for i, item in enumerate(argv):
+        if item == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif item.startswith(flag + "="):
+            value = item.split("=", 1)[1]
+    return value
