@@ -27,7 +27,18 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from util.shards import read_bytes
 
 CropBox = Tuple[int, int, int, int]  # top, left, height, width (torchvision's order)
+# 16-bit grey PNGs open as I;16 (or I on older Pillow); also the 32-bit I mode, read as 16-bit samples.
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
 DCT_SCALES = (8, 4, 2)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own I;16 -> RGB conversion clips every value above 255, which turns a 16-bit
+    photograph almost white; keep the high byte instead (0..65535 -> 0..255)."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        high_byte = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+        img = Image.fromarray(high_byte.astype(np.uint8))
+    return img.convert('RGB')
 
 
 class TorchvisionCropBox:
@@ -88,7 +99,7 @@ def _pil_resized_crop(image: Image.Image, box: CropBox, size: int, reduction: in
         drafted = image.draft('RGB', (width // reduction, image.height // reduction))
         if drafted is not None:  # (mode, the full image's box in reduced pixels: (0, 0, W / s, H / s))
             scale = width / drafted[1][2]
-    image = image.convert('RGB')
+    image = to_rgb(image)
     x0, y0, x1, y1 = left / scale, top / scale, (left + w) / scale, (top + h) / scale
     # crop to whole pixels first, as the PIL path does: the filter must not reach pixels outside the crop
     region = (math.floor(x0), math.floor(y0), min(math.ceil(x1), image.width), min(math.ceil(y1), image.height))

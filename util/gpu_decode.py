@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from util.fast_crop import CropSampler, TorchvisionCropBox, draw_crop, normalize_pixels
+from util.fast_crop import CropSampler, TorchvisionCropBox, draw_crop, normalize_pixels, to_rgb
 from util.shards import read_bytes
 
 logger = logging.getLogger('maskalign.data')
@@ -114,7 +114,7 @@ class DecodeOnDevice:
             pass
         try:  # not a JPEG nvJPEG takes (PNG, CMYK, ...): the CPU decodes it
             with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-                array = np.asarray(image.convert('RGB')).copy()
+                array = np.asarray(to_rgb(image)).copy()
             return torch.from_numpy(array).permute(2, 0, 1).contiguous().to(device)
         except Exception as e:  # any decoder failure on this one file means the file is bad
             self.dataset.record_bad(name, e, count_attempt=False)
