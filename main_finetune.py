@@ -114,9 +114,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.data_backend != "pil" and not args.linprobe:
         parser.error("fine-tuning's RandAugment works on PIL images: --data_backend fast/gpu serve pre-training "
                      "and --linprobe")
-    if args.data_path is not None and "{" in args.data_path:
-        parser.error("a shard pattern names one split; for train and val shards pass a folder holding "
-                     "train/*.tar and val/*.tar")
     if args.model not in timm.list_models() and args.model not in timm.list_models(pretrained=True):
         parser.error(f"--model {args.model} is not a timm model")
     cli.check_model(parser, args, lambda: create_vit(args), MODEL_FLAGS)

@@ -340,6 +340,9 @@ def resolve_classification(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error(f"--val_file_list {args.val_file_list} does not exist")
     if args.data_path is None:
         return
+    if "{" in args.data_path:
+        parser.error("a shard pattern names one split; for train and val shards pass a folder holding "
+                     "train/*.tar and val/*.tar")
     if args.val_file_list is None and not os.path.isdir(os.path.join(args.data_path, "val")):
         parser.error(f"--data_path {args.data_path} has no val/ folder. Every epoch is evaluated on "
                      f"<data_path>/val/<class>/<image> (MAE's layout); add that folder or give "

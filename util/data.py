@@ -331,7 +331,7 @@ def check_data_root(data_path: str, split: Optional[str] = 'train', file_list: O
     if not data_path:
         raise ValueError('--data_path is empty; give the folder that holds the images (or train/ and val/)')
     if is_shard_spec(data_path, split):
-        missing = missing_shards(data_path)
+        missing = missing_shards(data_path) if not os.path.isdir(data_path) else []
         if missing:
             raise ValueError(f'--data_path {data_path}: {len(missing)} shard(s) do not exist, e.g. {missing[0]}')
         shard_paths(data_path, split)  # a folder whose split sub-folder has no .tar files fails here
