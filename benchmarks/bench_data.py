@@ -150,8 +150,15 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     backends = args.backends or (['pil', 'fast', 'gpu'] if device.type == 'cuda' else ['pil', 'fast'])
     data_path = args.data_path or make_imagenet_like(args.gen_dir, args.num_images)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-core figures; restored so that a caller's process is left as it was
+    try:
+        _measure(args, device, backends, data_path)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _measure(args, device, backends, data_path):
     datas = {b: build_train_data(b, data_path, args.input_size) for b in backends}
     print(f'data: {data_path}\n  {describe(datas[backends[0]].dataset)}')
     print(f'torch {torch.__version__}, {os.cpu_count()} CPUs, device {device}, input {args.input_size}, '
