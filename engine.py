@@ -84,6 +84,14 @@ class StopSignals:
         self.pending_stop = True
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`. `scancel` and SLURM preemption signal the whole process group: the workers
+    must keep loading until the main process has written its checkpoint at the next step (torch's own worker
+    handler would die on SIGTERM). They still end with the main process (torch's watchdog) or on SIGKILL."""
+    for sig in StopSignals.actions:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 @dataclass
 class LoopContext:
     """What the loop needs beyond model, data and optimizer."""
@@ -329,7 +337,7 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
             task.dataset.set_epoch(epoch)
             loader = DataLoader(task.dataset, batch_size=args.batch_size, sampler=sampler,
                                 num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
-                                drop_last=True)
+                                drop_last=True, worker_init_fn=ignore_stop_signals)
             stats = train_one_epoch(model, task.forward_fn, loader, task.optimizer, epoch, start_step,
                                     steps_per_epoch, ctx)
             start_step = 0

@@ -25,7 +25,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from engine import Task, evaluate, fit, run_main, setup
+from engine import Task, evaluate, fit, ignore_stop_signals, run_main, setup
 from util import args as cli
 from util import checkpoint
 from util.data import build_dataset, build_finetune_transform, build_pretrain_transform
@@ -145,7 +145,8 @@ def val_loader(args, env: DistEnv, dataset) -> DataLoader:
     """Every sample exactly once: sharded across ranks with --dist_eval, else each rank sees all of it."""
     indices = range(env.rank, len(dataset), env.world_size) if args.dist_eval else range(len(dataset))
     return DataLoader(dataset, batch_size=args.batch_size, sampler=list(indices), num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False)
+                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
+                      worker_init_fn=ignore_stop_signals)
 
 
 def make_forward(mixup_fn: Optional[Mixup], criterion: nn.Module):

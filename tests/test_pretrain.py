@@ -224,3 +224,28 @@ def test_non_finite_gradient_with_finite_loss_stops_before_the_update(data_dir, 
     state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
     assert state["resume_step"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_stop_signal_to_the_whole_process_group_spares_the_data_workers(data_dir, tmp_path, teacher_file):
+    """`scancel` and SLURM preemption signal every process of the job, data-loader workers included: they must
+    outlive the main process's checkpoint at the next step (torch's own worker handler dies on SIGTERM)."""
+    argv = pretrain_argv(data_dir, tmp_path, teacher_file, "--epochs", "1000", "--num_workers", "2",
+                         "--print_freq", "1")
+    proc = subprocess.Popen([sys.executable, "main_pretrain.py", *argv], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in proc.stdout:
+            if "Epoch: [1]" in line:  # a step of epoch 1 is done: that epoch's workers are running
+                break
+        assert proc.poll() is None, "the run ended before epoch 1"
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.stdout.read()
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 143, output[-3000:]
+    assert "killed by signal" not in output
+    state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
+    assert state["resume_epoch"] >= 1 and state["resume_step"] >= 1
