@@ -267,6 +267,7 @@ def setup(args) -> tuple[DistEnv, torch.device]:
     device = torch.device(args.device, env.local_rank) if args.device == "cuda" else torch.device(args.device)
     if env.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
+        checkpoint.remove_stale_temp_files(args.output_dir)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)

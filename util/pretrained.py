@@ -60,13 +60,6 @@ class Backbone:
         return KNOWN_VITS.get((self.width, self.depth))
 
 
-def _read_file(path: str) -> dict[str, Any]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return checkpoint.load(path)
-
-
 def _detect_source(raw: dict[str, Any], keys: list[str]) -> str:
     if any(k.startswith("dynamic_align.") for k in keys):
         return "maskalign"
@@ -79,7 +72,7 @@ def _detect_source(raw: dict[str, Any], keys: list[str]) -> str:
 
 def read_backbone(path: str) -> Backbone:
     """The ViT backbone of any supported checkpoint file, in timm's parameter names."""
-    raw = _read_file(path)
+    raw = checkpoint.load(path)
     state = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(state, dict) or not state:
         raise checkpoint.CheckpointError(f"{path} holds no state dict (looked at 'model', 'state_dict' and the top level)")
