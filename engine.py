@@ -104,6 +104,8 @@ class LoopContext:
     scaler: Optional[torch.amp.GradScaler] = None
     after_optimizer_step: Optional[Callable[[], None]] = None  # e.g. a model EMA update
     last_save: float = field(default_factory=time.time)
+    # the running sums of the epoch's averages; saved mid-epoch, so a resumed epoch's log.txt line covers all of it
+    metrics: MetricLogger = field(default_factory=MetricLogger)
 
 
 def autocast(args, device: torch.device):
@@ -125,7 +127,7 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
     """Runs micro-steps start_step..steps_per_epoch-1 of `epoch`; returns the epoch's average metrics."""
     args, env = ctx.args, ctx.env
     model.train(True)
-    metric_logger = MetricLogger()
+    metric_logger = ctx.metrics
     params = [p for p in model.parameters() if p.requires_grad]
     accum = args.accum_iter
     lr = 0.0
@@ -305,26 +307,30 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
-    start_epoch, start_step = args.start_epoch, 0
+    start_epoch, start_step, epoch_metrics = args.start_epoch, 0, {}
     resume = checkpoint.choose_resume(args.resume, args.output_dir)
     if resume:
         start_epoch, start_step, ckpt = checkpoint.restore_training_state(resume, task.model, task.optimizer, scaler)
         start_step = checkpoint.step_for_batch(ckpt, start_step, args.batch_size, env.world_size)
         start_step -= start_step % args.accum_iter  # continue at an optimizer-step boundary
+        epoch_metrics = ckpt.get("epoch_metrics", {}) if start_step else {}
         if task.load_extra_state:
             task.load_extra_state(ckpt)
+        if env.is_main and os.path.abspath(resume) == os.path.abspath(os.path.join(args.output_dir, checkpoint.LATEST)):
+            _complete_epoch_end(args, ckpt, resume)
 
-    def save_latest(epoch: int, next_step: int) -> None:
+    def save_latest(epoch: int, next_step: int, epoch_log: Optional[dict] = None) -> None:
         if not env.is_main:
             return
         finished = next_step >= steps_per_epoch
+        progress = {"epoch_log": epoch_log} if finished else {"epoch_metrics": ctx.metrics.state_dict()}
         state = checkpoint.training_state(
             task.model, task.optimizer, scaler, args, epoch_done=epoch if finished else epoch - 1,
             resume_epoch=epoch + 1 if finished else epoch, resume_step=0 if finished else next_step,
             global_step=epoch * steps_per_epoch + next_step, world_size=env.world_size,
-            extra=task.extra_state() if task.extra_state else None)
+            extra={**(task.extra_state() if task.extra_state else {}), **progress})
         checkpoint.save_atomic(state, os.path.join(args.output_dir, checkpoint.LATEST))
-        if finished and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
+        if finished and _keeps_numbered(args, epoch):
             checkpoint.save_atomic(state, checkpoint.numbered_path(args.output_dir, epoch))
 
     writer = TensorboardWriter(args.log_dir, env.is_main)
@@ -336,6 +342,9 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch, start=start_step * args.batch_size)
             task.dataset.set_epoch(epoch)
+            ctx.metrics = MetricLogger()
+            ctx.metrics.load_state_dict(epoch_metrics)
+            epoch_metrics = {}
             loader = DataLoader(task.dataset, batch_size=args.batch_size, sampler=sampler,
                                 num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
                                 drop_last=True, worker_init_fn=ignore_stop_signals)
@@ -343,10 +352,11 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
                                     steps_per_epoch, ctx)
             start_step = 0
             extra_log = task.end_of_epoch(epoch, writer) if task.end_of_epoch else {}
-            save_latest(epoch, steps_per_epoch)
+            record = {**{f"train_{k}": v for k, v in stats.items()}, **extra_log, "epoch": epoch,
+                      "bad_images": task.dataset.num_bad}
+            save_latest(epoch, steps_per_epoch, epoch_log=record)  # the record too: see _complete_epoch_end
             ctx.last_save = time.time()
-            _log_epoch(args, env, writer, {**{f"train_{k}": v for k, v in stats.items()}, **extra_log,
-                                           "epoch": epoch, "bad_images": task.dataset.num_bad})
+            _log_epoch(args, env, writer, record)
             _stop_if_agreed(ctx, epoch, steps_per_epoch)
     finally:
         ctx.signals.uninstall()
@@ -354,11 +364,45 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
     logger.info("training time %.1f s", time.time() - start_time)
 
 
+def _keeps_numbered(args, epoch: int) -> bool:
+    """Whether `epoch` gets a checkpoint-<epoch>.pth besides checkpoint-latest.pth."""
+    return (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs
+
+
+def _complete_epoch_end(args, ckpt: dict, latest: str) -> None:
+    """checkpoint-latest.pth is written first at an epoch's end; a kill before that epoch's numbered checkpoint
+    or log.txt line would lose them for good (the rerun starts at the next epoch), so the rerun writes them."""
+    record = ckpt.get("epoch_log")
+    if record is None:  # not written at an epoch's end
+        return
+    epoch = record["epoch"]
+    numbered = checkpoint.numbered_path(args.output_dir, epoch)
+    if _keeps_numbered(args, epoch) and not os.path.exists(numbered):
+        checkpoint.copy_atomic(latest, numbered)
+        logger.warning("wrote %s, which an interrupted run left out", numbered)
+    if _last_logged_epoch(args.output_dir) != epoch:
+        _append_log(args.output_dir, record)
+        logger.warning("added epoch %d to log.txt, which an interrupted run left out", epoch)
+
+
+def _last_logged_epoch(output_dir: str) -> Optional[int]:
+    try:
+        with open(os.path.join(output_dir, "log.txt")) as f:
+            lines = [line for line in f if line.strip()]
+        return json.loads(lines[-1]).get("epoch") if lines else None
+    except (OSError, ValueError):
+        return None
+
+
+def _append_log(output_dir: str, record: dict) -> None:
+    with open(os.path.join(output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _log_epoch(args, env: DistEnv, writer: TensorboardWriter, record: dict) -> None:
     """MAE's log.txt: one JSON line per epoch."""
     if env.is_main:
-        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append_log(args.output_dir, record)
         writer.flush()
 
 

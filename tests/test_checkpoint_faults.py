@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import engine
 import export_timm
 import main_finetune
 import main_pretrain
@@ -89,6 +90,36 @@ def test_stale_temp_files_are_removed_when_a_run_starts(data_dir, tmp_path, teac
     tmp_path.joinpath("notes.tmp.txt").write_text("not ours")
     assert pretrain(data_dir, tmp_path, teacher_file) == 0
     assert temp_files(tmp_path) == ["notes.tmp.txt"]
+
+
+def kill_when(monkeypatch, module, name, hit):
+    """Make module.name raise a simulated kill on the call for which hit(*args) is true."""
+    original = getattr(module, name)
+
+    def patched(*args, **kwargs):
+        if hit(*args):
+            raise KeyboardInterrupt("simulated kill")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, patched)
+
+
+@pytest.mark.parametrize("killed_in", ["numbered checkpoint", "log.txt line"])
+def test_a_kill_after_latest_marks_the_epoch_done_loses_neither_its_checkpoint_nor_its_log_line(
+        data_dir, tmp_path, teacher_file, monkeypatch, killed_in):
+    """checkpoint-latest.pth is written first at an epoch's end; the rerun (which starts at the next epoch)
+    writes the numbered checkpoint and the log.txt line of that epoch if a kill came in between."""
+    if killed_in == "numbered checkpoint":
+        kill_when(monkeypatch, checkpoint, "save_atomic", lambda obj, path: path.endswith("checkpoint-0.pth"))
+    else:
+        kill_when(monkeypatch, engine, "_log_epoch", lambda args, env, writer, record: record["epoch"] == 0)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(data_dir, tmp_path, teacher_file, "--epochs", "2", "--save_freq", "1")
+    assert checkpoint.load(str(tmp_path / checkpoint.LATEST))["resume_epoch"] == 1  # epoch 0 is marked done
+    monkeypatch.undo()
+    assert pretrain(data_dir, tmp_path, teacher_file, "--epochs", "2", "--save_freq", "1") == 0
+    assert checkpoint.load(str(tmp_path / "checkpoint-0.pth"))["epoch"] == 0
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "log.txt")] == [0, 1]
 
 
 # ------------------------------------------------------------------------------------------- reading

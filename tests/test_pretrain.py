@@ -16,6 +16,10 @@ from util import checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def log_lines(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+
+
 def run(data, out, teacher_file, *extra):
     return main_pretrain.run(pretrain_argv(data, out, teacher_file, *extra))
 
@@ -73,6 +77,12 @@ def test_resume_mid_epoch_reproduces_uninterrupted_run(data_dir, tmp_path, teach
     monkeypatch.setattr(main_pretrain, "pretrain_forward", original)
     assert run(data_dir, interrupted, teacher_file, *extra) == 0  # auto-resumes from checkpoint-latest
     assert_same_weights(weights(full), weights(interrupted))
+    # the resumed epoch's log.txt averages cover the whole epoch, not only the steps after the resume
+    full_log, resumed_log = log_lines(full), log_lines(interrupted)
+    assert [line["epoch"] for line in resumed_log] == [0, 1]
+    for a, b in zip(full_log, resumed_log):
+        assert {k: v for k, v in a.items() if k.startswith("train_")} == \
+            pytest.approx({k: v for k, v in b.items() if k.startswith("train_")}, rel=1e-12)
 
 
 def test_accumulation_matches_larger_batch(data_dir, tmp_path, teacher_file):

@@ -13,7 +13,7 @@ import os
 import pickle
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -34,18 +34,25 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
 
     A failed write removes its temp file; a full disk (or quota) ends in one line with the space needed.
     """
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp), needed=lambda: _tensor_bytes(obj))
+
+
+def copy_atomic(source: str, path: str) -> None:
+    _write_atomic(path, lambda tmp: shutil.copyfile(source, tmp), needed=lambda: os.path.getsize(source))
+
+
+def _write_atomic(path: str, write: Callable[[str], Any], needed: Callable[[], int]) -> None:
     tmp = f"{path}{TEMP_SUFFIX}{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         directory = os.path.dirname(os.path.abspath(path))
-        needed = _tensor_bytes(obj)
-        if isinstance(e, Exception) and _out_of_space(e, directory, needed):
+        if isinstance(e, Exception) and _out_of_space(e, directory, needed()):
             raise CheckpointError(
-                f"no space left on device in {directory}: the checkpoint needs {needed / 2**20:.0f} MB "
+                f"no space left on device in {directory}: the checkpoint needs {needed() / 2**20:.0f} MB "
                 f"({shutil.disk_usage(directory).free / 2**20:.0f} MB free); {os.path.basename(path)} was not "
                 f"written and the files already there are intact. Free space, then resume") from e
         raise
