@@ -54,6 +54,8 @@ class StopSignals:
     (submitit_launch.py: the preemption signal stops, SIGTERM only saves).
     """
     actions: ClassVar[dict[int, str]] = {signal.SIGUSR1: "save", signal.SIGTERM: "stop"}
+    # a launcher that requeues a stopped job itself (util/slurm.py) sets this: messages then say so
+    requeued_by_launcher: ClassVar[bool] = False
     pending_save: bool = False
     pending_stop: bool = False
     agreed_save: bool = False
@@ -103,6 +105,7 @@ class LoopContext:
     signals: StopSignals
     scaler: Optional[torch.amp.GradScaler] = None
     after_optimizer_step: Optional[Callable[[], None]] = None  # e.g. a model EMA update
+    lr_given: bool = False  # --lr was on the command line (else it came from --blr)
     last_save: float = field(default_factory=time.time)
     # the running sums of the epoch's averages; saved mid-epoch, so a resumed epoch's log.txt line covers all of it
     metrics: MetricLogger = field(default_factory=MetricLogger)
@@ -202,12 +205,24 @@ def _check_loss(loss: torch.Tensor, ctx: LoopContext, epoch: int, step: int,
     if not math.isfinite(flags[0].item()):
         raise NonFiniteLossError(
             f"non-finite loss at epoch {epoch}, step {step} (local value {loss.item()}); stopping every rank. "
-            f"{_INTACT_ADVICE.format(ctx.args.output_dir)}")
+            f"{nonfinite_advice(ctx)}")
     return flags[0].item() / ctx.env.world_size
 
 
-_INTACT_ADVICE = ("The last checkpoint in {} is intact: lower --blr, set --clip_grad, or try --amp bf16/none, "
-                  "then rerun to resume from it.")
+def nonfinite_advice(ctx: LoopContext) -> str:
+    """What to change after a non-finite loss or gradient, and where the run then continues from."""
+    args = ctx.args
+    changes = ["lower --lr" if ctx.lr_given else "lower --blr",
+               "set --clip_grad" if args.clip_grad is None else "lower --clip_grad"]
+    if args.amp != "none":
+        changes.append("try --amp " + ("bf16 or none" if args.amp == "fp16" else "none"))
+    change = ", ".join(changes[:-1]) + " or " + changes[-1]
+    again = "resubmit the job" if StopSignals.requeued_by_launcher else "rerun"
+    own = checkpoint.find_resume(args.output_dir)
+    if own:
+        return f"The last checkpoint, {own}, is intact: {change}, then {again} to resume from it."
+    start = f"--resume {args.resume}" if args.resume else "the beginning"
+    return f"No checkpoint of this run was written yet: {change}, then {again} to start again from {start}."
 
 
 def _optimizer_step(optimizer, params: list, ctx: LoopContext, epoch: int, step: int) -> float:
@@ -220,7 +235,7 @@ def _optimizer_step(optimizer, params: list, ctx: LoopContext, epoch: int, step:
         ctx.scaler.update()
     elif not math.isfinite(grad_norm):  # same value on every rank: gradients are already all-reduced
         raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch}, step {step}; the step was not "
-                                 f"applied. {_INTACT_ADVICE.format(ctx.args.output_dir)}")
+                                 f"applied. {nonfinite_advice(ctx)}")
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -241,8 +256,9 @@ def _maybe_checkpoint(ctx: LoopContext, epoch: int, next_step: int) -> None:
 def _stop_if_agreed(ctx: LoopContext, epoch: int, next_step: int) -> None:
     if ctx.signals.agreed_stop:
         barrier()  # no rank leaves (and gets its job torn down) before rank 0 has written the checkpoint
-        raise TrainingInterrupted(f"stopped by signal at epoch {epoch}, step {next_step}; "
-                                  f"rerun the same command to resume")
+        then = "the job is requeued and resumes" if StopSignals.requeued_by_launcher \
+            else "rerun the same command to resume"
+        raise TrainingInterrupted(f"stopped by signal at epoch {epoch}, step {next_step}; {then}")
 
 
 # ----------------------------------------------------------------------------------------- the whole run
@@ -298,6 +314,7 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
         raise SystemExit(f"{len(task.dataset)} images are too few for --batch_size {args.batch_size} x "
                          f"--accum_iter {args.accum_iter} on {env.world_size} process(es)")
     eff_batch = args.batch_size * args.accum_iter * env.world_size
+    lr_given = args.lr is not None
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
     logger.info("effective batch %d, lr %.3g (blr %.3g), %d steps/epoch", eff_batch, args.lr, args.blr,
@@ -335,7 +352,8 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
 
     writer = TensorboardWriter(args.log_dir, env.is_main)
     ctx = LoopContext(args=args, env=env, device=device, writer=writer, save_latest=save_latest,
-                      signals=StopSignals().install(), scaler=scaler, after_optimizer_step=task.after_optimizer_step)
+                      signals=StopSignals().install(), scaler=scaler, after_optimizer_step=task.after_optimizer_step,
+                      lr_given=lr_given)
     logger.info("training epochs %d..%d from step %d", start_epoch, args.epochs - 1, start_step)
     start_time = time.time()
     try:
