@@ -91,7 +91,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("mixup/cutmix need an even --batch_size")
     if args.model not in timm.list_models() and args.model not in timm.list_models(pretrained=True):
         parser.error(f"--model {args.model} is not a timm model")
+    if args.eval and args.resume:
+        adopt_checkpoint_architecture(args, cli.given_on_command_line(get_args_parser, argv))
     return args
+
+
+# The flags that shape the model: `--eval --resume CKPT` takes them from CKPT's args (MAE uses the same names).
+ARCHITECTURE_ARGS = ("model", "model_kwargs", "nb_classes", "input_size", "linprobe", "global_pool")
+
+
+def adopt_checkpoint_architecture(args: argparse.Namespace, given: set[str]) -> None:
+    """Build the model that `--resume` was trained as, unless the command line says otherwise."""
+    try:
+        stored = checkpoint.load(args.resume).get("args")
+    except (checkpoint.CheckpointError, AttributeError):
+        return  # main() reports an unusable file (exit code 1)
+    stored = vars(stored) if isinstance(stored, argparse.Namespace) else stored
+    if not isinstance(stored, dict):
+        return
+    adopted = {k: stored[k] for k in ARCHITECTURE_ARGS
+               if k in stored and k not in given and stored[k] != getattr(args, k)}
+    if adopted.get("model") not in (None, *timm.list_models()):  # MAE's models_vit names are not timm's
+        del adopted["model"]
+    if adopted:
+        vars(args).update(adopted)
+        logger.warning("--eval: model flags from %s: %s", args.resume,
+                       " ".join(f"--{k} {v}" for k, v in adopted.items()))
 
 
 def mixup_active(args) -> bool:
@@ -168,7 +193,7 @@ def main(args: argparse.Namespace) -> None:
     val = val_loader(args, env, val_set)
     if args.eval:
         if args.resume:
-            model.load_state_dict(checkpoint.load(args.resume)["model"])
+            checkpoint.load_model_state(model, args.resume, "--" + ", --".join(ARCHITECTURE_ARGS))
         stats = evaluate(model, val, device, args, distributed=args.dist_eval and env.enabled)
         logger.info("accuracy of the network on %d test images: top-1 %.2f%%, top-5 %.2f%%",
                     len(val_set), stats["acc1"], stats["acc5"])

@@ -323,3 +323,25 @@ def test_reference_pretraining_checkpoint_resumes_in_the_official_form(tmp_path)
         torch.manual_seed(0)
         dynamic = create_maskalign("tiny", teacher=model.teacher, img_size=32, **TINY_VIT, top_k=2)
         checkpoint.restore_training_state(str(tmp_path / "released.pth"), dynamic, None, None)
+
+
+def test_eval_rebuilds_the_model_the_checkpoint_was_trained_as(labelled, pretrained_ckpt, tmp_path, capsys):
+    """`--eval --resume CKPT` needs no model flags: model, model_kwargs, nb_classes, input_size, linprobe and
+    global_pool come from CKPT's args (the command line still wins)."""
+    out = tmp_path / "lp"
+    assert main_finetune.run(finetune_argv(labelled, out, "--linprobe", "--finetune", pretrained_ckpt, "--epochs", "1",
+                                           "--warmup_epochs", "0", "--batch_size", "16", "--opt", "sgd")) == 0
+    latest = str(out / checkpoint.LATEST)
+    argv = ["--eval", "--resume", latest, "--data_path", str(labelled), "--output_dir", str(tmp_path / "eval"),
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
+    args = main_finetune.parse_args(argv)
+    assert (args.model, args.model_kwargs, args.nb_classes, args.input_size, args.linprobe, args.global_pool) == \
+        ("vit_tiny_patch16_224", TINY_VIT, 2, 32, True, False)
+    assert main_finetune.parse_args([*argv, "--nb_classes", "5"]).nb_classes == 5
+    capsys.readouterr()
+    assert main_finetune.run(argv) == 0
+    assert f"top-1 {log_lines(out)[-1]['test_acc1']:.2f}%" in capsys.readouterr().err
+    # a model the checkpoint does not fit: one line, exit 1
+    assert main_finetune.run([*argv, "--model_kwargs", "depth=3", "embed_dim=64", "num_heads=2"]) == 1
+    err = capsys.readouterr().err
+    assert "does not match this model" in err and "Traceback" not in err

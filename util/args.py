@@ -164,6 +164,16 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     return args
 
 
+def given_on_command_line(make_parser: Callable[[], argparse.ArgumentParser],
+                          argv: Optional[Sequence[str]] = None) -> set[str]:
+    """The dests that `argv` sets itself, not through a default or a preset (on a fresh parser, whose
+    defaults are all removed)."""
+    parser = make_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv))))
+
+
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
           presets: Optional[dict[str, dict]] = None) -> argparse.Namespace:
     """Parse and validate. `presets` maps a switch (e.g. `--demo`) to the defaults it brings; flags given

@@ -192,22 +192,40 @@ def training_state(model, optimizer, scaler, args, *, epoch_done: int, resume_ep
     }
 
 
-def restore_training_state(path: str, model, optimizer, scaler) -> tuple[int, int, dict[str, Any]]:
-    """Load model/optimizer/scaler; returns (epoch, step within it, the whole checkpoint) to continue from."""
+def _load_with_model(path: str) -> dict[str, Any]:
     ckpt = load(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} holds no training state (no 'model' entry): --resume takes a checkpoint "
                               f"written by this code, MAE or the reference code; pass weights with --finetune")
+    return ckpt
+
+
+def load_model_state(model, path: str, flags: str) -> dict[str, Any]:
+    """Load the `model` entry of the checkpoint at `path` strictly into `model`; returns the whole checkpoint.
+    `flags` names the flags that shape the model, for the message when the two do not match."""
+    ckpt = _load_with_model(path)
+    _load_strict(model, ckpt["model"], path, flags)
+    return ckpt
+
+
+def _load_strict(model, state: dict[str, Any], path: str, flags: str) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        problems = [line.strip()[:160] for line in str(e).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{path} does not match this model (was it written with other {flags} flags?): "
+                              f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}") from e
+
+
+def restore_training_state(path: str, model, optimizer, scaler) -> tuple[int, int, dict[str, Any]]:
+    """Load model/optimizer/scaler; returns (epoch, step within it, the whole checkpoint) to continue from."""
+    ckpt = _load_with_model(path)
     state = ckpt["model"]
     if "distill_weights" in state:  # the reference MaskAlign code's pre-training checkpoint
         from util.pretrained import reference_to_official  # late: util.pretrained imports this module
         state, optimizer, scaler = reference_to_official(state, model), None, None
         logger.warning("%s is a reference-code checkpoint: weights converted, optimizer state starts afresh", path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match this model (was it written with other --model, "
-                              f"--model_kwargs, --teacher, --top_k or --align flags?): {e}") from e
+    _load_strict(model, state, path, "--model, --model_kwargs, --teacher, --top_k or --align")
     if "optimizer" in ckpt and optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
