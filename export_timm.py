@@ -25,7 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model_kwargs", nargs="*", action=ParseKwargs, default={}, metavar="KEY=VALUE",
                         help="extra timm.create_model arguments for a non-standard student, e.g. depth=6")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     try:
         paths = export_timm(args.checkpoint, args.output_dir, args.model, **args.model_kwargs)
     except (CheckpointError, ValueError, RuntimeError) as e:

@@ -345,3 +345,21 @@ def test_eval_rebuilds_the_model_the_checkpoint_was_trained_as(labelled, pretrai
     assert main_finetune.run([*argv, "--model_kwargs", "depth=3", "embed_dim=64", "num_heads=2"]) == 1
     err = capsys.readouterr().err
     assert "does not match this model" in err and "Traceback" not in err
+
+
+def test_export_of_an_mae_checkpoint_is_named_for_mae_readable_by_others_and_lists_what_it_dropped(tmp_path,
+                                                                                                  capsys):
+    sd = dict(student_keys())
+    mae_only = {"mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.zeros(32, 64),
+                "decoder_pred.weight": torch.zeros(768, 32)}
+    torch.save({"model": {**sd, **mae_only}, "args": {"model": "mae_vit_base_patch16"}}, tmp_path / "mae.pth")
+    umask = os.umask(0o022)
+    try:
+        assert export_timm.main([str(tmp_path / "mae.pth"), str(tmp_path / "out"), *TINY_VIT_FLAGS]) == 0
+    finally:
+        os.umask(umask)
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == ["config.json", "vit_tiny_patch16_224_mae.pth", "vit_tiny_patch16_224_mae.safetensors"]
+    assert all(os.stat(tmp_path / "out" / f).st_mode & 0o777 == 0o644 for f in files)
+    assert json.load(open(tmp_path / "out" / "config.json"))["dropped_keys"] == sorted(mae_only)
+    assert "dropped 3 keys that are not part of the backbone: decoder_embed" in capsys.readouterr().err
