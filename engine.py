@@ -283,6 +283,7 @@ def setup(args) -> tuple[DistEnv, torch.device]:
     env = init_distributed(args.device, timeout_min=args.dist_timeout_min)
     setup_logging(env.is_main)
     device = torch.device(args.device, env.local_rank) if args.device == "cuda" else torch.device(args.device)
+    configure_backends(device)
     if env.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
         checkpoint.remove_stale_temp_files(args.output_dir)
@@ -290,6 +291,12 @@ def setup(args) -> tuple[DistEnv, torch.device]:
     random.seed(args.seed)
     np.random.seed(args.seed)
     return env, device
+
+
+def configure_backends(device: torch.device) -> None:
+    """As MAE: let cuDNN pick the fastest kernels for the fixed input shapes (the patch-embedding conv)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 @dataclass

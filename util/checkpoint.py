@@ -200,15 +200,9 @@ def _load_with_model(path: str) -> dict[str, Any]:
     return ckpt
 
 
-def load_model_state(model, path: str, flags: str) -> dict[str, Any]:
-    """Load the `model` entry of the checkpoint at `path` strictly into `model`; returns the whole checkpoint.
-    `flags` names the flags that shape the model, for the message when the two do not match."""
-    ckpt = _load_with_model(path)
-    _load_strict(model, ckpt["model"], path, flags)
-    return ckpt
-
-
-def _load_strict(model, state: dict[str, Any], path: str, flags: str) -> None:
+def load_strict(model, state: dict[str, Any], path: str, flags: str) -> None:
+    """`model.load_state_dict(state)` for weights read from `path`; `flags` names the flags that shape the
+    model, for the one-line message when the two do not match."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -225,7 +219,7 @@ def restore_training_state(path: str, model, optimizer, scaler) -> tuple[int, in
         from util.pretrained import reference_to_official  # late: util.pretrained imports this module
         state, optimizer, scaler = reference_to_official(state, model), None, None
         logger.warning("%s is a reference-code checkpoint: weights converted, optimizer state starts afresh", path)
-    _load_strict(model, state, path, "--model, --model_kwargs, --teacher, --top_k or --align")
+    load_strict(model, state, path, "--model, --model_kwargs, --teacher, --top_k or --align")
     if "optimizer" in ckpt and optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
