@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Optional
@@ -87,11 +88,20 @@ class StopSignals:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`. `scancel` and SLURM preemption signal the whole process group: the workers
+    """DataLoader `worker_init_fn`. `scancel` and SLURM preemption signal every process of the job: the workers
     must keep loading until the main process has written its checkpoint at the next step (torch's own worker
-    handler would die on SIGTERM). They still end with the main process (torch's watchdog) or on SIGKILL."""
-    for sig in StopSignals.actions:
-        signal.signal(sig, signal.SIG_IGN)
+    handler dies on SIGTERM). The stop signals are blocked and taken by a thread that drops them, except from
+    the parent: its SIGTERM is how the DataLoader and multiprocessing end a worker (ignoring that would hang
+    the main process at exit)."""
+    stop_signals = set(StopSignals.actions)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # this thread and every thread it starts
+    threading.Thread(target=_drop_stop_signals, args=(stop_signals, os.getppid()), daemon=True).start()
+
+
+def _drop_stop_signals(stop_signals: set, parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo(stop_signals).si_pid == parent:
+            os._exit(0)  # what torch's worker handler does on its parent's SIGTERM
 
 
 @dataclass

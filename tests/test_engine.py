@@ -159,3 +159,20 @@ def test_a_non_finite_gradient_gives_the_same_advice(tmp_path):
     with pytest.raises(engine.NonFiniteLossError, match="No checkpoint of this run was written yet: lower --blr"):
         engine._optimizer_step(torch.optim.SGD(layer.parameters(), lr=0.1), list(layer.parameters()),
                                loop_context(tmp_path, []), epoch=0, step=0)
+
+
+def test_workers_that_drop_stop_signals_still_end_with_the_main_process():
+    """A DataLoader iterator still alive at exit (kept by a traceback) makes multiprocessing SIGTERM its workers
+    from the parent: they must take that one, or the main process waits for them forever."""
+    import subprocess
+    import sys
+    script = (
+        "import time, torch, engine\n"
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "class Slow(Dataset):\n"
+        "    def __len__(self): return 1000\n"
+        "    def __getitem__(self, i): time.sleep(0.01); return torch.zeros(2)\n"
+        "KEPT = iter(DataLoader(Slow(), batch_size=2, num_workers=2, worker_init_fn=engine.ignore_stop_signals))\n"
+        "next(KEPT)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=120).returncode == 0
