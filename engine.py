@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Optional
@@ -54,6 +55,8 @@ class StopSignals:
     (submitit_launch.py: the preemption signal stops, SIGTERM only saves).
     """
     actions: ClassVar[dict[int, str]] = {signal.SIGUSR1: "save", signal.SIGTERM: "stop"}
+    # a launcher that requeues a stopped job itself (util/slurm.py) sets this: messages then say so
+    requeued_by_launcher: ClassVar[bool] = False
     pending_save: bool = False
     pending_stop: bool = False
     agreed_save: bool = False
@@ -84,6 +87,23 @@ class StopSignals:
         self.pending_stop = True
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`. `scancel` and SLURM preemption signal every process of the job: the workers
+    must keep loading until the main process has written its checkpoint at the next step (torch's own worker
+    handler dies on SIGTERM). The stop signals are blocked and taken by a thread that drops them, except from
+    the parent: its SIGTERM is how the DataLoader and multiprocessing end a worker (ignoring that would hang
+    the main process at exit)."""
+    stop_signals = set(StopSignals.actions)
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # this thread and every thread it starts
+    threading.Thread(target=_drop_stop_signals, args=(stop_signals, os.getppid()), daemon=True).start()
+
+
+def _drop_stop_signals(stop_signals: set, parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo(stop_signals).si_pid == parent:
+            os._exit(0)  # what torch's worker handler does on its parent's SIGTERM
+
+
 @dataclass
 class LoopContext:
     """What the loop needs beyond model, data and optimizer."""
@@ -95,7 +115,10 @@ class LoopContext:
     signals: StopSignals
     scaler: Optional[torch.amp.GradScaler] = None
     after_optimizer_step: Optional[Callable[[], None]] = None  # e.g. a model EMA update
+    lr_given: bool = False  # --lr was on the command line (else it came from --blr)
     last_save: float = field(default_factory=time.time)
+    # the running sums of the epoch's averages; saved mid-epoch, so a resumed epoch's log.txt line covers all of it
+    metrics: MetricLogger = field(default_factory=MetricLogger)
 
 
 def autocast(args, device: torch.device):
@@ -117,7 +140,7 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
     """Runs micro-steps start_step..steps_per_epoch-1 of `epoch`; returns the epoch's average metrics."""
     args, env = ctx.args, ctx.env
     model.train(True)
-    metric_logger = MetricLogger()
+    metric_logger = ctx.metrics
     params = [p for p in model.parameters() if p.requires_grad]
     accum = args.accum_iter
     lr = 0.0
@@ -192,12 +215,24 @@ def _check_loss(loss: torch.Tensor, ctx: LoopContext, epoch: int, step: int,
     if not math.isfinite(flags[0].item()):
         raise NonFiniteLossError(
             f"non-finite loss at epoch {epoch}, step {step} (local value {loss.item()}); stopping every rank. "
-            f"{_INTACT_ADVICE.format(ctx.args.output_dir)}")
+            f"{nonfinite_advice(ctx)}")
     return flags[0].item() / ctx.env.world_size
 
 
-_INTACT_ADVICE = ("The last checkpoint in {} is intact: lower --blr, set --clip_grad, or try --amp bf16/none, "
-                  "then rerun to resume from it.")
+def nonfinite_advice(ctx: LoopContext) -> str:
+    """What to change after a non-finite loss or gradient, and where the run then continues from."""
+    args = ctx.args
+    changes = ["lower --lr" if ctx.lr_given else "lower --blr",
+               "set --clip_grad" if args.clip_grad is None else "lower --clip_grad"]
+    if args.amp != "none":
+        changes.append("try --amp " + ("bf16 or none" if args.amp == "fp16" else "none"))
+    change = ", ".join(changes[:-1]) + " or " + changes[-1]
+    again = "resubmit the job" if StopSignals.requeued_by_launcher else "rerun"
+    own = checkpoint.find_resume(args.output_dir)
+    if own:
+        return f"The last checkpoint, {own}, is intact: {change}, then {again} to resume from it."
+    start = f"--resume {args.resume}" if args.resume else "the beginning"
+    return f"No checkpoint of this run was written yet: {change}, then {again} to start again from {start}."
 
 
 def _optimizer_step(optimizer, params: list, ctx: LoopContext, epoch: int, step: int) -> float:
@@ -210,7 +245,7 @@ def _optimizer_step(optimizer, params: list, ctx: LoopContext, epoch: int, step:
         ctx.scaler.update()
     elif not math.isfinite(grad_norm):  # same value on every rank: gradients are already all-reduced
         raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch}, step {step}; the step was not "
-                                 f"applied. {_INTACT_ADVICE.format(ctx.args.output_dir)}")
+                                 f"applied. {nonfinite_advice(ctx)}")
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -231,8 +266,9 @@ def _maybe_checkpoint(ctx: LoopContext, epoch: int, next_step: int) -> None:
 def _stop_if_agreed(ctx: LoopContext, epoch: int, next_step: int) -> None:
     if ctx.signals.agreed_stop:
         barrier()  # no rank leaves (and gets its job torn down) before rank 0 has written the checkpoint
-        raise TrainingInterrupted(f"stopped by signal at epoch {epoch}, step {next_step}; "
-                                  f"rerun the same command to resume")
+        then = "the job is requeued and resumes" if StopSignals.requeued_by_launcher \
+            else "rerun the same command to resume"
+        raise TrainingInterrupted(f"stopped by signal at epoch {epoch}, step {next_step}; {then}")
 
 
 # ----------------------------------------------------------------------------------------- the whole run
@@ -260,6 +296,7 @@ def setup(args) -> tuple[DistEnv, torch.device]:
     configure_backends(device)
     if env.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
+        checkpoint.remove_stale_temp_files(args.output_dir)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -300,6 +337,7 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
         raise SystemExit(f"{len(task.dataset)} images are too few for --batch_size {args.batch_size} x "
                          f"--accum_iter {args.accum_iter} on {env.world_size} process(es)")
     eff_batch = args.batch_size * args.accum_iter * env.world_size
+    lr_given = args.lr is not None
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
     logger.info("effective batch %d, lr %.3g (blr %.3g), %d steps/epoch", eff_batch, args.lr, args.blr,
@@ -309,50 +347,60 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
-    start_epoch, start_step = args.start_epoch, 0
+    start_epoch, start_step, epoch_metrics = args.start_epoch, 0, {}
     resume = checkpoint.choose_resume(args.resume, args.output_dir)
     if resume:
         start_epoch, start_step, ckpt = checkpoint.restore_training_state(resume, task.model, task.optimizer, scaler)
         start_step = checkpoint.step_for_batch(ckpt, start_step, args.batch_size, env.world_size)
         start_step -= start_step % args.accum_iter  # continue at an optimizer-step boundary
+        epoch_metrics = ckpt.get("epoch_metrics", {}) if start_step else {}
         if task.load_extra_state:
             task.load_extra_state(ckpt)
+        if env.is_main and os.path.abspath(resume) == os.path.abspath(os.path.join(args.output_dir, checkpoint.LATEST)):
+            _complete_epoch_end(args, ckpt, resume)
 
-    def save_latest(epoch: int, next_step: int) -> None:
+    def save_latest(epoch: int, next_step: int, epoch_log: Optional[dict] = None) -> None:
         if not env.is_main:
             return
         finished = next_step >= steps_per_epoch
+        progress = {"epoch_log": epoch_log} if finished else {"epoch_metrics": ctx.metrics.state_dict()}
         state = checkpoint.training_state(
             task.model, task.optimizer, scaler, args, epoch_done=epoch if finished else epoch - 1,
             resume_epoch=epoch + 1 if finished else epoch, resume_step=0 if finished else next_step,
             global_step=epoch * steps_per_epoch + next_step, world_size=env.world_size,
-            extra=task.extra_state() if task.extra_state else None)
+            extra={**(task.extra_state() if task.extra_state else {}), **progress})
         checkpoint.save_atomic(state, os.path.join(args.output_dir, checkpoint.LATEST))
-        if finished and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
+        if finished and _keeps_numbered(args, epoch):
             checkpoint.save_atomic(state, checkpoint.numbered_path(args.output_dir, epoch))
 
     writer = TensorboardWriter(args.log_dir, env.is_main)
     ctx = LoopContext(args=args, env=env, device=device, writer=writer, save_latest=save_latest,
-                      signals=StopSignals().install(), scaler=scaler, after_optimizer_step=task.after_optimizer_step)
+                      signals=StopSignals().install(), scaler=scaler, after_optimizer_step=task.after_optimizer_step,
+                      lr_given=lr_given)
     logger.info("training epochs %d..%d from step %d", start_epoch, args.epochs - 1, start_step)
     start_time = time.time()
     workers = args.num_workers
     loader = DataLoader(task.dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, collate_fn=task.collate_fn,
-                        persistent_workers=workers > 0, prefetch_factor=args.prefetch_factor if workers else None)
+                        persistent_workers=workers > 0, prefetch_factor=args.prefetch_factor if workers else None,
+                        worker_init_fn=ignore_stop_signals)
     try:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch, start=start_step * args.batch_size)
             task.dataset.set_epoch(epoch)
+            ctx.metrics = MetricLogger()
+            ctx.metrics.load_state_dict(epoch_metrics)
+            epoch_metrics = {}
             batches = loader if task.batch_to_device is None else _on_device(loader, task.batch_to_device, device)
             stats = train_one_epoch(model, task.forward_fn, batches, task.optimizer, epoch, start_step,
                                     steps_per_epoch, ctx)
             start_step = 0
             extra_log = task.end_of_epoch(epoch, writer) if task.end_of_epoch else {}
-            save_latest(epoch, steps_per_epoch)
+            record = {**{f"train_{k}": v for k, v in stats.items()}, **extra_log, "epoch": epoch,
+                      "bad_images": task.dataset.num_bad}
+            save_latest(epoch, steps_per_epoch, epoch_log=record)  # the record too: see _complete_epoch_end
             ctx.last_save = time.time()
-            _log_epoch(args, env, writer, {**{f"train_{k}": v for k, v in stats.items()}, **extra_log,
-                                           "epoch": epoch, "bad_images": task.dataset.num_bad})
+            _log_epoch(args, env, writer, record)
             _stop_if_agreed(ctx, epoch, steps_per_epoch)
     finally:
         ctx.signals.uninstall()
@@ -373,11 +421,45 @@ def _on_device(batches: Iterable, to_device: Callable[[Any, torch.device], list]
         yield pending
 
 
+def _keeps_numbered(args, epoch: int) -> bool:
+    """Whether `epoch` gets a checkpoint-<epoch>.pth besides checkpoint-latest.pth."""
+    return (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs
+
+
+def _complete_epoch_end(args, ckpt: dict, latest: str) -> None:
+    """checkpoint-latest.pth is written first at an epoch's end; a kill before that epoch's numbered checkpoint
+    or log.txt line would lose them for good (the rerun starts at the next epoch), so the rerun writes them."""
+    record = ckpt.get("epoch_log")
+    if record is None:  # not written at an epoch's end
+        return
+    epoch = record["epoch"]
+    numbered = checkpoint.numbered_path(args.output_dir, epoch)
+    if _keeps_numbered(args, epoch) and not os.path.exists(numbered):
+        checkpoint.copy_atomic(latest, numbered)
+        logger.warning("wrote %s, which an interrupted run left out", numbered)
+    if _last_logged_epoch(args.output_dir) != epoch:
+        _append_log(args.output_dir, record)
+        logger.warning("added epoch %d to log.txt, which an interrupted run left out", epoch)
+
+
+def _last_logged_epoch(output_dir: str) -> Optional[int]:
+    try:
+        with open(os.path.join(output_dir, "log.txt")) as f:
+            lines = [line for line in f if line.strip()]
+        return json.loads(lines[-1]).get("epoch") if lines else None
+    except (OSError, ValueError):
+        return None
+
+
+def _append_log(output_dir: str, record: dict) -> None:
+    with open(os.path.join(output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _log_epoch(args, env: DistEnv, writer: TensorboardWriter, record: dict) -> None:
     """MAE's log.txt: one JSON line per epoch."""
     if env.is_main:
-        with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append_log(args.output_dir, record)
         writer.flush()
 
 

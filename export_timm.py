@@ -29,7 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     try:
         paths = export_timm(args.checkpoint, args.output_dir, args.model, **args.model_kwargs)
     except (CheckpointError, ValueError, RuntimeError) as e:

@@ -27,7 +27,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from engine import Task, evaluate, fit, run_main, setup
+from engine import Task, evaluate, fit, ignore_stop_signals, run_main, setup
 from util import args as cli
 from util import checkpoint
 from util.data import TrainData, build_dataset, build_finetune_transform, build_train_data
@@ -116,8 +116,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      "and --linprobe")
     if args.model not in timm.list_models() and args.model not in timm.list_models(pretrained=True):
         parser.error(f"--model {args.model} is not a timm model")
+    if args.eval and args.resume:
+        adopt_checkpoint_architecture(args, cli.given_on_command_line(get_args_parser, argv))
     cli.check_model(parser, args, lambda: create_vit(args), MODEL_FLAGS)
     return args
+
+
+# The flags that shape the model: `--eval --resume CKPT` takes them from CKPT's args (MAE uses the same names).
+ARCHITECTURE_ARGS = ("model", "model_kwargs", "nb_classes", "input_size", "linprobe", "global_pool")
+
+
+def adopt_checkpoint_architecture(args: argparse.Namespace, given: set[str]) -> None:
+    """Build the model that `--resume` was trained as, unless the command line says otherwise."""
+    try:
+        stored = checkpoint.load(args.resume).get("args")
+    except (checkpoint.CheckpointError, AttributeError):
+        return  # main() reports an unusable file (exit code 1)
+    stored = vars(stored) if isinstance(stored, argparse.Namespace) else stored
+    if not isinstance(stored, dict):
+        return
+    adopted = {k: stored[k] for k in ARCHITECTURE_ARGS
+               if k in stored and k not in given and stored[k] != getattr(args, k)}
+    if adopted.get("model") not in (None, *timm.list_models()):  # MAE's models_vit names are not timm's
+        del adopted["model"]
+    if adopted:
+        vars(args).update(adopted)
+        logger.warning("--eval: model flags from %s: %s", args.resume,
+                       " ".join(f"--{k} {v}" for k, v in adopted.items()))
 
 
 def mixup_active(args) -> bool:
@@ -187,7 +212,8 @@ def val_loader(args, env: DistEnv, dataset) -> DataLoader:
     """Every sample exactly once: sharded across ranks with --dist_eval, else each rank sees all of it."""
     indices = range(env.rank, len(dataset), env.world_size) if args.dist_eval else range(len(dataset))
     return DataLoader(dataset, batch_size=args.batch_size, sampler=list(indices), num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False)
+                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
+                      worker_init_fn=ignore_stop_signals)
 
 
 def make_forward(mixup_fn: Optional[Mixup], criterion: nn.Module):
@@ -209,7 +235,8 @@ def main(args: argparse.Namespace) -> None:
     val = val_loader(args, env, val_set)
     if args.eval:
         if args.resume:
-            model.load_state_dict(eval_weights(args.resume, "model_ema" if args.eval_ema else "model"))
+            checkpoint.load_strict(model, eval_weights(args.resume, "model_ema" if args.eval_ema else "model"),
+                                   args.resume, "--" + ", --".join(ARCHITECTURE_ARGS))
         stats = evaluate(model, val, device, args, distributed=args.dist_eval and env.enabled)
         logger.info("accuracy of the network on %d test images: top-1 %.2f%%, top-5 %.2f%%",
                     len(val_set), stats["acc1"], stats["acc5"])

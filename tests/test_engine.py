@@ -14,12 +14,12 @@ from util.distributed import DistEnv
 from util.metrics import TensorboardWriter
 
 
-def loop_context(tmp_path, saves, **args):
+def loop_context(tmp_path, saves, lr_given=False, **args):
     defaults = dict(accum_iter=1, save_interval_min=60.0, output_dir=str(tmp_path), print_freq=100, batch_size=2,
-                    seed=0, amp="none", clip_grad=None, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1)
+                    seed=0, amp="none", clip_grad=None, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1, resume="")
     return engine.LoopContext(args=SimpleNamespace(**{**defaults, **args}), env=DistEnv(), device=torch.device("cpu"),
                               writer=TensorboardWriter(None, False), signals=engine.StopSignals(),
-                              save_latest=lambda epoch, step: saves.append((epoch, step)))
+                              save_latest=lambda epoch, step: saves.append((epoch, step)), lr_given=lr_given)
 
 
 def test_a_signal_landing_after_the_vote_waits_for_the_next_step(tmp_path):
@@ -121,3 +121,58 @@ def test_bad_data_on_one_rank_stops_every_rank_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "all_reduce_sum", another_rank_failed)
     with pytest.raises(TooManyBadSamplesError, match="another rank found too many unreadable images at epoch 0"):
         train([(torch.randn(2, 4),)] * 6)
+
+
+def nan_advice(tmp_path, **flags):
+    with pytest.raises(engine.NonFiniteLossError) as exc:
+        engine._check_loss(torch.tensor(float("nan")), loop_context(tmp_path, [], **flags), epoch=0, step=3)
+    return str(exc.value)
+
+
+def test_advice_after_a_non_finite_loss_fits_the_run(tmp_path):
+    message = nan_advice(tmp_path)  # --blr, amp none, no checkpoint yet
+    assert "No checkpoint of this run was written yet" in message and "intact" not in message
+    assert "lower --blr" in message and "--amp" not in message and "start again from the beginning" in message
+    (tmp_path / checkpoint.LATEST).write_bytes(b"")
+    message = nan_advice(tmp_path, lr_given=True, amp="bf16", clip_grad=1.0)
+    assert f"The last checkpoint, {tmp_path / checkpoint.LATEST}, is intact" in message
+    assert "lower --lr," in message and "--blr" not in message
+    assert "lower --clip_grad" in message and "try --amp none" in message and "then rerun to resume" in message
+    assert "try --amp bf16 or none" in nan_advice(tmp_path, amp="fp16")
+
+
+def test_advice_inside_a_job_the_launcher_requeues_says_resubmit_not_rerun(tmp_path, monkeypatch):
+    from util.slurm import submitit_signal_policy
+    with submitit_signal_policy(signal.SIGUSR2):
+        assert "then resubmit the job to start again" in nan_advice(tmp_path)
+        ctx = loop_context(tmp_path, [])
+        ctx.signals.agreed_stop = True
+        with pytest.raises(engine.TrainingInterrupted) as exc:
+            engine._stop_if_agreed(ctx, epoch=0, next_step=2)
+        assert "rerun" not in str(exc.value) and "requeued" in str(exc.value)
+    assert "then rerun" in nan_advice(tmp_path)
+
+
+def test_a_non_finite_gradient_gives_the_same_advice(tmp_path):
+    layer = torch.nn.Linear(2, 1)
+    layer.weight.grad = torch.full_like(layer.weight, float("inf"))
+    with pytest.raises(engine.NonFiniteLossError, match="No checkpoint of this run was written yet: lower --blr"):
+        engine._optimizer_step(torch.optim.SGD(layer.parameters(), lr=0.1), list(layer.parameters()),
+                               loop_context(tmp_path, []), epoch=0, step=0)
+
+
+def test_workers_that_drop_stop_signals_still_end_with_the_main_process():
+    """A DataLoader iterator still alive at exit (kept by a traceback) makes multiprocessing SIGTERM its workers
+    from the parent: they must take that one, or the main process waits for them forever."""
+    import subprocess
+    import sys
+    script = (
+        "import time, torch, engine\n"
+        "from torch.utils.data import DataLoader, Dataset\n"
+        "class Slow(Dataset):\n"
+        "    def __len__(self): return 1000\n"
+        "    def __getitem__(self, i): time.sleep(0.01); return torch.zeros(2)\n"
+        "KEPT = iter(DataLoader(Slow(), batch_size=2, num_workers=2, worker_init_fn=engine.ignore_stop_signals))\n"
+        "next(KEPT)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=120).returncode == 0

@@ -524,3 +524,44 @@ def test_eval_ema_of_a_checkpoint_without_ema_fails_with_a_message(labelled, tmp
     argv = finetune_argv(labelled, tmp_path / "e", "--eval", "--eval_ema", "--resume", str(tmp_path / "plain.pth"))
     assert main_finetune.run(argv) == 1
     assert "plain.pth has no `model_ema` weights" in capsys.readouterr().err
+
+
+def test_eval_rebuilds_the_model_the_checkpoint_was_trained_as(labelled, pretrained_ckpt, tmp_path, capsys):
+    """`--eval --resume CKPT` needs no model flags: model, model_kwargs, nb_classes, input_size, linprobe and
+    global_pool come from CKPT's args (the command line still wins)."""
+    out = tmp_path / "lp"
+    assert main_finetune.run(finetune_argv(labelled, out, "--linprobe", "--finetune", pretrained_ckpt, "--epochs", "1",
+                                           "--warmup_epochs", "0", "--batch_size", "16", "--accum_iter", "1",
+                                           "--opt", "sgd")) == 0
+    latest = str(out / checkpoint.LATEST)
+    argv = ["--eval", "--resume", latest, "--data_path", str(labelled), "--output_dir", str(tmp_path / "eval"),
+            "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]
+    args = main_finetune.parse_args(argv)
+    assert (args.model, args.model_kwargs, args.nb_classes, args.input_size, args.linprobe, args.global_pool) == \
+        ("vit_tiny_patch16_224", TINY_VIT, 2, 32, True, False)
+    assert main_finetune.parse_args([*argv, "--nb_classes", "5"]).nb_classes == 5
+    capsys.readouterr()
+    assert main_finetune.run(argv) == 0
+    assert f"top-1 {log_lines(out)[-1]['test_acc1']:.2f}%" in capsys.readouterr().err
+    # a model the checkpoint does not fit: one line, exit 1
+    assert main_finetune.run([*argv, "--model_kwargs", "depth=3", "embed_dim=64", "num_heads=2"]) == 1
+    err = capsys.readouterr().err
+    assert "does not match this model" in err and "Traceback" not in err
+
+
+def test_export_of_an_mae_checkpoint_is_named_for_mae_readable_by_others_and_lists_what_it_dropped(tmp_path,
+                                                                                                  capsys):
+    sd = dict(student_keys())
+    mae_only = {"mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.zeros(32, 64),
+                "decoder_pred.weight": torch.zeros(768, 32)}
+    torch.save({"model": {**sd, **mae_only}, "args": {"model": "mae_vit_base_patch16"}}, tmp_path / "mae.pth")
+    umask = os.umask(0o022)
+    try:
+        assert export_timm.main([str(tmp_path / "mae.pth"), str(tmp_path / "out"), *TINY_VIT_FLAGS]) == 0
+    finally:
+        os.umask(umask)
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == ["config.json", "vit_tiny_patch16_224_mae.pth", "vit_tiny_patch16_224_mae.safetensors"]
+    assert all(os.stat(tmp_path / "out" / f).st_mode & 0o777 == 0o644 for f in files)
+    assert json.load(open(tmp_path / "out" / "config.json"))["dropped_keys"] == sorted(mae_only)
+    assert "dropped 3 keys that are not part of the backbone: decoder_embed" in capsys.readouterr().err

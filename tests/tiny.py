@@ -34,6 +34,21 @@ def weights(out):
     return checkpoint.load(os.path.join(out, checkpoint.LATEST))["model"]
 
 
+def determined(state):
+    """The weights whose training the arithmetic determines, for comparing runs with different batch layouts or
+    thread counts. Left out: the attention key bias (the middle third of `qkv.bias`). It adds the same q.b_k to
+    every logit of a query, which softmax ignores, so its gradient is zero up to rounding; AdamW divides each
+    gradient by its own running RMS and turns that rounding noise, whose sign follows the summation order of
+    the CPU's kernels, into steps as large as anyone's. It never changes an output either way."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("attn.qkv.bias"):
+            query, _, val = value.chunk(3)
+            value = torch.cat([query, val])
+        out[key] = value
+    return out
+
+
 def assert_same_weights(a, b, exact=True):
     assert a.keys() == b.keys()
     for k in a:

@@ -262,6 +262,17 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     return args
 
 
+def given_on_command_line(make_parser: Callable[[], argparse.ArgumentParser],
+                          argv: Optional[Sequence[str]] = None) -> set[str]:
+    """The dests that `argv` sets itself, not through a default or a preset (on a fresh parser, whose
+    defaults are all removed)."""
+    parser = make_parser()
+    parser._defaults.clear()  # set_defaults(...) values
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv))))
+
+
 def _patch_size(args: argparse.Namespace) -> int:
     patch = getattr(args, "model_kwargs", {}).get("patch_size", PATCH_SIZE)
     return patch if isinstance(patch, int) and patch > 0 else PATCH_SIZE  # a bad value is reported by check_model

@@ -2,15 +2,18 @@
 resumption needs (`resume_epoch`, `resume_step`, `global_step`).
 
 Written atomically (temp file + rename) so a job killed mid-write never leaves a corrupt file, and loaded
-with `weights_only=True` so a checkpoint cannot run code.
+with `weights_only=True` so a checkpoint cannot run code. Every way a file can be unusable (missing, truncated,
+corrupt, holding code, full disk) ends in a `CheckpointError` whose one-line message names the file.
 """
 import argparse
+import errno
 import glob
 import logging
 import os
 import pickle
 import re
-from typing import Any, Optional
+import shutil
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -23,10 +26,73 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
+TEMP_SUFFIX = ".tmp."  # `<file>.tmp.<pid>` while a write is in progress
+
+
 def save_atomic(obj: dict[str, Any], path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write `path` through a temp file and a rename, so the previous file stays whole until the new one is.
+
+    A failed write removes its temp file; a full disk (or quota) ends in one line with the space needed.
+    """
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp), needed=lambda: _tensor_bytes(obj))
+
+
+def copy_atomic(source: str, path: str) -> None:
+    _write_atomic(path, lambda tmp: shutil.copyfile(source, tmp), needed=lambda: os.path.getsize(source))
+
+
+def _write_atomic(path: str, write: Callable[[str], Any], needed: Callable[[], int]) -> None:
+    tmp = f"{path}{TEMP_SUFFIX}{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        directory = os.path.dirname(os.path.abspath(path))
+        if isinstance(e, Exception) and _out_of_space(e, directory, needed()):
+            raise CheckpointError(
+                f"no space left on device in {directory}: the checkpoint needs {needed() / 2**20:.0f} MB "
+                f"({shutil.disk_usage(directory).free / 2**20:.0f} MB free); {os.path.basename(path)} was not "
+                f"written and the files already there are intact. Free space, then resume") from e
+        raise
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in `obj` (each storage counted once): what the file needs, give or take the pickle."""
+    storages: dict[int, int] = {}
+
+    def walk(item: Any) -> None:
+        if isinstance(item, torch.Tensor):
+            storages[item.untyped_storage().data_ptr()] = item.untyped_storage().nbytes()
+        elif isinstance(item, dict):
+            for value in item.values():
+                walk(value)
+        elif isinstance(item, (list, tuple)):
+            for value in item:
+                walk(value)
+
+    walk(obj)
+    return sum(storages.values())
+
+
+def _out_of_space(error: Exception, directory: str, needed: int) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:  # torch's C++ writer reports a full disk as "unexpected pos ...", without the errno
+        return shutil.disk_usage(directory).free < needed
+    except OSError:
+        return False
+
+
+def remove_stale_temp_files(directory: str) -> None:
+    """Temp files of writes that were killed (SIGKILL, a lost node) would pile up over requeues and fill
+    the disk; only rank 0 writes, and nothing is being written when a run starts."""
+    for path in glob.glob(os.path.join(glob.escape(directory), f"*.pth{TEMP_SUFFIX}*")):
+        if re.search(r"\.tmp\.\d+$", path) and os.path.isfile(path):
+            size = os.path.getsize(path)
+            os.remove(path)
+            logger.warning("removed %s (%.0f MB), left by an interrupted checkpoint write", path, size / 2**20)
 
 
 # MAE's and the reference MaskAlign code's `save_model` store `args` as an argparse.Namespace: a plain
@@ -34,17 +100,51 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
 _SAFE_CLASSES = [argparse.Namespace]
 
 
+# What the weights-only unpickler says when a file asks for code, as opposed to bytes that make no sense.
+_CODE_MARKERS = ("GLOBAL", "allowlisted", "unrecognized function")
+
+
 def load(path: str) -> dict[str, Any]:
-    """Tensors and plain containers only; anything that would need pickle to run code is refused."""
+    """A `.pth` (tensors and plain containers only: anything that would need pickle to run code is refused)
+    or a `.safetensors` file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
     try:
         with torch.serialization.safe_globals(_SAFE_CLASSES):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from e
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects that are not plain tensors/containers "
-            f"(loading it would execute code). Re-save its state dicts as plain data. Detail: {e}") from e
+        detail = str(e).split("WeightsUnpickler error:")[-1]
+        if any(marker in detail for marker in _CODE_MARKERS):
+            raise CheckpointError(
+                f"refusing to load {path}: it holds objects that are not plain tensors/containers (loading it "
+                f"would execute code: {_first_sentence(detail)}). Re-save its state dicts as plain data") from e
+        raise _unreadable(path, detail) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # what torch raises on cut or damaged bytes
+        raise _unreadable(path, str(e) or type(e).__name__) from e
+
+
+def _load_safetensors(path: str) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise _unreadable(path, str(e)) from e
+
+
+def _unreadable(path: str, detail: str) -> CheckpointError:
+    return CheckpointError(f"{path} is truncated or corrupt ({os.path.getsize(path)} bytes; "
+                           f"{_first_sentence(detail)}): copy it again, or move it away to use an older checkpoint")
+
+
+def _first_sentence(text: str) -> str:
+    """torch's messages run over several lines of advice; the first sentence says what is wrong."""
+    line = next((l.strip() for l in text.splitlines() if l.strip()), "")
+    return line.split(". ")[0].rstrip(".")
 
 
 def numbered_path(output_dir: str, epoch: int) -> str:
@@ -92,19 +192,34 @@ def training_state(model, optimizer, scaler, args, *, epoch_done: int, resume_ep
     }
 
 
+def _load_with_model(path: str) -> dict[str, Any]:
+    ckpt = load(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path} holds no training state (no 'model' entry): --resume takes a checkpoint "
+                              f"written by this code, MAE or the reference code; pass weights with --finetune")
+    return ckpt
+
+
+def load_strict(model, state: dict[str, Any], path: str, flags: str) -> None:
+    """`model.load_state_dict(state)` for weights read from `path`; `flags` names the flags that shape the
+    model, for the one-line message when the two do not match."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        problems = [line.strip()[:160] for line in str(e).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{path} does not match this model (was it written with other {flags} flags?): "
+                              f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''}") from e
+
+
 def restore_training_state(path: str, model, optimizer, scaler) -> tuple[int, int, dict[str, Any]]:
     """Load model/optimizer/scaler; returns (epoch, step within it, the whole checkpoint) to continue from."""
-    ckpt = load(path)
+    ckpt = _load_with_model(path)
     state = ckpt["model"]
     if "distill_weights" in state:  # the reference MaskAlign code's pre-training checkpoint
         from util.pretrained import reference_to_official  # late: util.pretrained imports this module
         state, optimizer, scaler = reference_to_official(state, model), None, None
         logger.warning("%s is a reference-code checkpoint: weights converted, optimizer state starts afresh", path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} does not match this model (was it written with other --model, "
-                              f"--model_kwargs, --teacher, --top_k or --align flags?): {e}") from e
+    load_strict(model, state, path, "--model, --model_kwargs, --teacher, --top_k or --align")
     if "optimizer" in ckpt and optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):

@@ -46,6 +46,14 @@ class MetricLogger:
     def averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}
 
+    def state_dict(self) -> dict[str, list[float]]:
+        """The running sums behind `averages` (plain numbers, for a checkpoint)."""
+        return {name: [meter.total, meter.count] for name, meter in self.meters.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        for name, (total, count) in state.items():
+            self.meters[name].total, self.meters[name].count = float(total), int(count)
+
     def log_every(self, iterable: Iterable, print_freq: int, header: str, total: int,
                   batch_size: int) -> Iterator:
         """Yields from `iterable`, logging progress with ETA and img/s every `print_freq` iterations."""

@@ -60,13 +60,6 @@ class Backbone:
         return KNOWN_VITS.get((self.width, self.depth))
 
 
-def _read_file(path: str) -> dict[str, Any]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return checkpoint.load(path)
-
-
 def _detect_source(raw: dict[str, Any], keys: list[str]) -> str:
     if any(k.startswith("dynamic_align.") for k in keys):
         return "maskalign"
@@ -79,7 +72,7 @@ def _detect_source(raw: dict[str, Any], keys: list[str]) -> str:
 
 def read_backbone(path: str) -> Backbone:
     """The ViT backbone of any supported checkpoint file, in timm's parameter names."""
-    raw = _read_file(path)
+    raw = checkpoint.load(path)
     state = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(state, dict) or not state:
         raise checkpoint.CheckpointError(f"{path} holds no state dict (looked at 'model', 'state_dict' and the top level)")
@@ -216,15 +209,20 @@ def timm_name_for(backbone: Backbone) -> str:
     return name
 
 
+# The exported files' suffix says where the weights come from (a re-exported MAE model is no MaskAlign model).
+EXPORT_SUFFIX = {"maskalign": "maskalign", "maskalign-reference": "maskalign", "mae": "mae", "timm": "timm"}
+
+
 def export_timm(checkpoint_path: str, output_dir: str, model_name: Optional[str] = None,
                 **model_kwargs: Any) -> dict[str, str]:
-    """Write the student alone as `<name>.pth`, `<name>.safetensors` and `config.json`.
+    """Write the backbone alone as `<name>_<source>.pth`, `<name>_<source>.safetensors` and `config.json`,
+    readable as the umask allows (for colleagues on a shared cluster), and log the keys left out.
 
     The files load strictly with
     `timm.create_model(NAME, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=F, num_classes=0))`.
     """
     import timm
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     backbone = read_backbone(checkpoint_path)
     model_name = model_name or timm_name_for(backbone)
@@ -232,14 +230,17 @@ def export_timm(checkpoint_path: str, output_dir: str, model_name: Optional[str]
     model = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img_size, **model_kwargs)
     state = {k: v.contiguous() for k, v in backbone.state_dict.items() if not k.startswith(HEAD_PREFIXES)}
     model.load_state_dict(state, strict=True)  # proves the export is complete and well-formed
+    dropped = sorted(backbone.dropped + [k for k in backbone.state_dict if k not in state])
+    logger.info("dropped %d keys that are not part of the backbone: %s", len(dropped), _compact(dropped))
     os.makedirs(output_dir, exist_ok=True)
-    stem = os.path.join(output_dir, model_name.split(".")[0] + "_maskalign")
+    stem = os.path.join(output_dir, f"{model_name.split('.')[0]}_{EXPORT_SUFFIX[backbone.source]}")
     paths = {"pth": stem + ".pth", "safetensors": stem + ".safetensors", "config": os.path.join(output_dir, "config.json")}
     torch.save(state, paths["pth"])
-    save_file(state, paths["safetensors"], metadata={"format": "pt"})
+    with open(paths["safetensors"], "wb") as f:  # safetensors' save_file creates its files with mode 0600
+        f.write(save(state, metadata={"format": "pt"}))
     config = {"architecture": model_name, "num_classes": 0, "img_size": img_size, "model_kwargs": model_kwargs,
               "source_checkpoint": os.path.abspath(checkpoint_path), "source_format": backbone.source,
-              "pretrain_args": backbone.pretrain_args}
+              "dropped_keys": dropped, "pretrain_args": backbone.pretrain_args}
     with open(paths["config"], "w") as f:
         json.dump(config, f, indent=2, default=str)
     return paths

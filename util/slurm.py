@@ -116,12 +116,13 @@ def submitit_signal_policy(preempt: int) -> Iterator[None]:
     """While the loop runs: preemption stops it after a checkpoint, SIGTERM/SIGUSR1 only checkpoint."""
     from engine import StopSignals  # the entry points' loop; imported here so the launcher stays light
 
-    previous = StopSignals.actions
+    previous = StopSignals.actions, StopSignals.requeued_by_launcher
     StopSignals.actions = {signal.SIGUSR1: "save", signal.SIGTERM: "save", preempt: "stop"}
+    StopSignals.requeued_by_launcher = True
     try:
         yield
     finally:
-        StopSignals.actions = previous
+        StopSignals.actions, StopSignals.requeued_by_launcher = previous
 
 
 @dataclasses.dataclass
