@@ -31,7 +31,7 @@ from util import checkpoint
 from util.data import build_dataset, build_finetune_transform, build_pretrain_transform
 from util.distributed import DistEnv
 from util.metrics import TensorboardWriter
-from util.optim import LARS, param_groups_layer_decay
+from util.optim import LARS, adamw, param_groups_layer_decay
 from util.pretrained import load_into, read_backbone
 from util.sampler import PerSampleSeeded
 
@@ -113,13 +113,13 @@ def build_model(args) -> nn.Module:
     return model
 
 
-def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(args, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     if args.linprobe or args.opt != "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
         if args.opt == "lars":
             return LARS(params, lr=args.blr, weight_decay=args.weight_decay)
         return torch.optim.SGD(params, lr=args.blr, momentum=0.9, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(param_groups_layer_decay(model, args.weight_decay, args.layer_decay), lr=args.blr)
+    return adamw(param_groups_layer_decay(model, args.weight_decay, args.layer_decay), args.blr, device)
 
 
 def build_criterion(args) -> nn.Module:
@@ -204,7 +204,7 @@ def main(args: argparse.Namespace) -> None:
             ema.module.load_state_dict(ckpt["model_ema"])
 
     task = Task(model=model, forward_fn=make_forward(mixup_fn, build_criterion(args)),
-                dataset=PerSampleSeeded(train_set, args.seed), optimizer=build_optimizer(args, model),
+                dataset=PerSampleSeeded(train_set, args.seed), optimizer=build_optimizer(args, model, device),
                 end_of_epoch=end_of_epoch, after_optimizer_step=(lambda: ema.update(model)) if ema else None,
                 extra_state=extra_state, load_extra_state=load_extra_state)
     fit(args, env, device, task)
