@@ -90,7 +90,8 @@ def sync(device: torch.device) -> None:
 
 
 def count_flops(step: Callable[[], None]) -> float:
-    """FLOPs of one call of `step` (CPU attention kernels are counted with torch's own SDPA formulas)."""
+    """FLOPs of one call of `step` (CPU attention kernels are counted with torch's own SDPA formulas; the fused
+    CPU inference path of nn.MultiheadAttention, whose inner matmuls the counter cannot see, is switched off)."""
     aten = torch.ops.aten
     cpu_attention = {
         aten._scaled_dot_product_flash_attention_for_cpu:
@@ -98,8 +99,13 @@ def count_flops(step: Callable[[], None]) -> float:
         aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
     }
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        step()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+            step()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return float(counter.get_total_flops())
 
 
