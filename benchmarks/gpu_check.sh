@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU figure of the README's Speed section in one run (about 5 minutes on an H100/H200, compile warm-up
-# included): ours bare step and through engine.fit, eager and compiled, MFU, FD, ours in fp16, the reference code.
+# Every GPU figure of the README's Speed section in one run (expected: about 5 minutes on an H100/H200, compile
+# warm-up included): ours bare step and through engine.fit, eager and compiled, MFU, FD, ours in fp16, the reference.
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, from anywhere in the repo
 #   bash benchmarks/gpu_check.sh --device cpu --smoke  # the same script on CPU with tiny settings (a logic check)
