@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_maskalign  # noqa: E402
+from util.args import ParseKwargs, new_parser  # noqa: E402
 from util.compile import CompileWatch, compile_in_place  # noqa: E402
 from util.distributed import DistEnv  # noqa: E402
 from util.optim import adamw, param_groups_weight_decay  # noqa: E402
@@ -349,8 +350,8 @@ def plan(args) -> list[tuple[str, str, Callable[[], tuple[Callable, float]], boo
 
 def run(args) -> None:
     device = torch.device(args.device)
+    engine.configure_backends(device)
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
               f"peak {card_peak_tflops(device, args.amp, args.peak_tflops)} TFLOP/s ({args.amp})")
     else:
@@ -389,9 +390,7 @@ def run(args) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench_pretrain.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    from util.args import ParseKwargs
+    parser = new_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="maskalign_vit_base_patch16")
     parser.add_argument("--model_kwargs", nargs="*", action=ParseKwargs, default={}, metavar="KEY=VALUE",
