@@ -2,9 +2,14 @@
 
 `fit` runs the epochs (data sharding, DDP, resume, checkpoints, logs); `train_one_epoch` runs one epoch of:
 per-iteration lr schedule, mixed precision, gradient accumulation (no all-reduce on the non-final micro-steps),
-a loss check that stops every rank together, gradient clipping, logging, and `checkpoint-latest.pth` on a
-timer or on SIGTERM / SIGUSR1. Each micro-step re-seeds the RNGs from
+a loss and gradient check that stops every rank together, gradient clipping, logging, and
+`checkpoint-latest.pth` on a timer or on SIGTERM / SIGUSR1. Each micro-step re-seeds the RNGs from
 (seed, rank, epoch, step), so a run resumed from any checkpoint continues exactly as if never stopped.
+
+In steady state no micro-step waits for the device: the signal and data-failure vote is an all-reduce among
+the hosts (a CPU process group), a non-finite loss or gradient stops the update on the device (fused
+optimizers' `found_inf`, or the fp16 grad scaler), and the host reads each optimizer step's loss, gradient
+norm and metrics one step later from a non-blocking copy (at once before a checkpoint is written).
 """
 import contextlib
 import json
@@ -24,16 +29,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from util import checkpoint
+from util.compile import compile_in_place
 from util.data import TooManyBadSamplesError
-from util.distributed import DistEnv, all_reduce_sum, barrier, destroy, init_distributed
+from util.distributed import DistEnv, all_reduce_sum, barrier, cpu_group, destroy, init_distributed
 from util.lr_schedule import adjust_learning_rate
 from util.metrics import MetricLogger, TensorboardWriter, setup_logging
 from util.sampler import PerSampleSeeded, ResumableDistributedSampler
 
 logger = logging.getLogger("maskalign")
 
-# forward_fn(model, batch) -> (loss, {metric name: value}); it runs under autocast.
-ForwardFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+# forward_fn(model, batch) -> (loss, {metric name: value}); it runs under autocast. Give metric values as
+# 0-d tensors (a float is fine too): the loop reads them from the device without waiting for it.
+ForwardFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,7 +56,7 @@ class StopSignals:
     """SIGUSR1 asks for a checkpoint; SIGTERM for a checkpoint and a clean stop.
 
     Handlers only raise *pending* requests, whenever the signal lands. Each micro-step hands the pending
-    requests to one all-reduce, and the loop acts only on the *agreed* result, which is the same on every rank
+    requests to one all-reduce among the hosts, and the loop acts only on the *agreed* result, which is the same on every rank
     at every step boundary even when the signal reached the ranks at different moments.
     `actions` maps each handled signal to "save" or "stop"; a launcher may remap them for its process
     (submitit_launch.py: the preemption signal stops, SIGTERM only saves).
@@ -119,12 +126,18 @@ class LoopContext:
     last_save: float = field(default_factory=time.time)
     # the running sums of the epoch's averages; saved mid-epoch, so a resumed epoch's log.txt line covers all of it
     metrics: MetricLogger = field(default_factory=MetricLogger)
+    vote_group: Any = None  # process group of the host-side vote (None: the default group)
+
+
+def amp_dtype(args) -> Optional[torch.dtype]:
+    """The autocast dtype of --amp (None: float32 throughout)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
 
 def autocast(args, device: torch.device):
-    if args.amp == "none":
+    if amp_dtype(args) is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=amp_dtype(args))
 
 
 def seed_step(seed: int, rank: int, epoch: int, step: int) -> None:
@@ -148,8 +161,8 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
     progress = metric_logger.log_every(_steps_and_batches(steps, batches), args.print_freq, f"Epoch: [{epoch}]",
                                        total=len(steps), batch_size=args.batch_size * env.world_size)
     optimizer.zero_grad(set_to_none=True)
-    images_per_step = args.batch_size * accum * env.world_size
-    step_start = time.time()
+    monitor = StepMonitor(ctx, metric_logger, steps_per_epoch)
+    sums: Optional[StepSums] = None
     for step, batch in progress:
         if step % accum == 0:
             lr = adjust_learning_rate(optimizer, step / steps_per_epoch + epoch, args)
@@ -160,26 +173,28 @@ def train_one_epoch(model: torch.nn.Module, forward_fn: ForwardFn, batches: Iter
             else model.no_sync()
         with sync:
             if isinstance(batch, TooManyBadSamplesError):  # this rank's data failed: it only takes part in the vote
-                _check_loss(torch.zeros(()), ctx, epoch, step, data_error=batch)
+                _vote(ctx, epoch, step, data_error=batch)
             batch = [t.to(ctx.device, non_blocking=True) for t in batch]
             with autocast(args, ctx.device):
                 loss, metrics = forward_fn(model, batch)
-            loss_value = _check_loss(loss, ctx, epoch, step)
-            scaled = loss / accum
+            _vote(ctx, epoch, step)  # while the device runs the forward
+            sums = StepSums.add(sums, loss, metrics)
+            scaled = _nan_if_not_finite(loss) / accum
             (ctx.scaler.scale(scaled) if ctx.scaler else scaled).backward()
         if not boundary:
             continue
-        grad_norm = _optimizer_step(optimizer, params, ctx, epoch, step)
+        monitor.settle()  # the previous optimizer step: finished on the device by now
+        grad_norm = _gradient_norm(optimizer, params, ctx)
+        monitor.record(epoch, step, lr, sums, grad_norm)
+        sums = None
+        if not _update_skips_non_finite(optimizer, ctx):
+            monitor.settle()  # this optimizer cannot skip on the device: the host checks before the update
+        _apply_update(optimizer, ctx, grad_norm)
         if ctx.after_optimizer_step:
             ctx.after_optimizer_step()
-        now = time.time()
-        img_s, step_start = images_per_step / max(now - step_start, 1e-9), now
-        metric_logger.update(loss=loss_value, lr=lr, grad_norm=grad_norm, **metrics)
-        epoch_1000x = int((step + 1) / steps_per_epoch * 1000 + epoch * 1000)
-        ctx.writer.scalars({"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
-                            "train/img_s": img_s, **{f"train/{k}": v for k, v in metrics.items()}}, epoch_1000x)
         if step + 1 < steps_per_epoch:  # the epoch's end is checkpointed by `fit`, after its evaluation
-            _maybe_checkpoint(ctx, epoch, step + 1)
+            _maybe_checkpoint(ctx, epoch, step + 1, monitor)
+    monitor.settle()
     return metric_logger.averages()
 
 
@@ -197,26 +212,100 @@ def _steps_and_batches(steps: range, batches: Iterable) -> Iterable[tuple[int, A
             return
 
 
-def _check_loss(loss: torch.Tensor, ctx: LoopContext, epoch: int, step: int,
-                data_error: Optional[TooManyBadSamplesError] = None) -> float:
-    """All-reduce (loss, save request, stop request, data failure) in one collective, so every rank decides
-    the same thing."""
+def _vote(ctx: LoopContext, epoch: int, step: int, data_error: Optional[TooManyBadSamplesError] = None) -> None:
+    """All-reduce (save request, stop request, data failure) among the hosts, so every rank decides the same
+    thing at the same step; a CPU process group, so the vote never waits for the device."""
     save, stop = ctx.signals.take_pending()
-    flags = torch.tensor([loss.detach().float().item(), float(save), float(stop), float(data_error is not None)],
-                         dtype=torch.float64, device=ctx.device)
-    all_reduce_sum(flags)
-    ctx.signals.agreed_save |= bool(flags[1] > 0)
-    ctx.signals.agreed_stop |= bool(flags[2] > 0)
+    votes = torch.tensor([float(save), float(stop), float(data_error is not None)], dtype=torch.float64)
+    all_reduce_sum(votes, ctx.vote_group)
+    ctx.signals.agreed_save |= bool(votes[0] > 0)
+    ctx.signals.agreed_stop |= bool(votes[1] > 0)
     if data_error is not None:
         raise data_error
-    if flags[3] > 0:
+    if votes[2] > 0:
         raise TooManyBadSamplesError(f"another rank found too many unreadable images at epoch {epoch}, step "
                                      f"{step} (its log names them); stopping every rank")
-    if not math.isfinite(flags[0].item()):
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {epoch}, step {step} (local value {loss.item()}); stopping every rank. "
-            f"{nonfinite_advice(ctx)}")
-    return flags[0].item() / ctx.env.world_size
+
+
+def _nan_if_not_finite(loss: torch.Tensor) -> torch.Tensor:
+    """The loss times 1, or times NaN when it is not finite: then every gradient it reaches is NaN, so the
+    gradient check that guards the update covers a non-finite loss too (no host sync needed)."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+
+
+@dataclass
+class StepSums:
+    """One optimizer step's sums over its micro-steps, on the device: loss, non-finite losses, metrics."""
+    values: torch.Tensor
+    names: list[str]
+
+    @staticmethod
+    def add(sums: Optional["StepSums"], loss: torch.Tensor, metrics: dict[str, Any]) -> "StepSums":
+        loss = loss.detach().float().reshape(())
+        values = [loss, (~torch.isfinite(loss)).float()]
+        values += [v.detach().float().reshape(()) if torch.is_tensor(v) else torch.full((), float(v), device=loss.device)
+                   for v in metrics.values()]
+        values = torch.stack(values)
+        if sums is None:
+            return StepSums(values, list(metrics))
+        return StepSums(sums.values + values, sums.names)
+
+
+class StepMonitor:
+    """What each optimizer step left on the device (loss, non-finite losses, metrics, gradient norm), read on
+    the host later: `record` starts a non-blocking copy, `settle` reads every recorded step, logs it and raises
+    NonFiniteLossError for a non-finite loss (or gradient, outside fp16) on every rank at the same step.
+    Settled at the next optimizer step, before a checkpoint is written and at the end of the epoch, so no
+    checkpoint ever holds an update from a non-finite step (the update itself was skipped on the device)."""
+
+    def __init__(self, ctx: LoopContext, metric_logger: MetricLogger, steps_per_epoch: int) -> None:
+        self.ctx, self.metric_logger, self.steps_per_epoch = ctx, metric_logger, steps_per_epoch
+        self.pending: list[tuple[int, int, float, list[str], torch.Tensor, Any]] = []
+        self.recorded = 0
+        self.window_start, self.window_images = time.time(), 0
+
+    def record(self, epoch: int, step: int, lr: float, sums: StepSums, grad_norm: torch.Tensor) -> None:
+        values = sums.values
+        if self.ctx.env.enabled:
+            all_reduce_sum(values)  # on the device stream: the host does not wait
+        values = torch.cat([values, grad_norm.detach().float().reshape(1)])
+        ready = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            values = host.copy_(values, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self.pending.append((epoch, step, lr, sums.names, values, ready))
+
+    def settle(self) -> None:
+        pending, self.pending = self.pending, []
+        for epoch, step, lr, names, values, ready in pending:
+            if ready is not None:
+                ready.synchronize()
+            self._read(epoch, step, lr, names, values.tolist())
+
+    def _read(self, epoch: int, step: int, lr: float, names: list[str], values: list[float]) -> None:
+        ctx = self.ctx
+        micro_steps = ctx.args.accum_iter * ctx.env.world_size
+        loss, non_finite, grad_norm = values[0] / micro_steps, values[1], values[-1]
+        if non_finite:
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {epoch}, step {step} (on {int(non_finite)} of {micro_steps} micro-batches); "
+                f"the step was not applied, stopping every rank. {nonfinite_advice(ctx)}")
+        if not math.isfinite(grad_norm) and ctx.scaler is None:  # fp16: the scaler skipped it, lowering its scale
+            raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch}, step {step}; the step was not "
+                                     f"applied. {nonfinite_advice(ctx)}")
+        metrics = {name: v / micro_steps for name, v in zip(names, values[2:-1])}
+        self.metric_logger.update(loss=loss, lr=lr, grad_norm=grad_norm, **metrics)
+        self.window_images += ctx.args.batch_size * micro_steps
+        if self.recorded % ctx.args.print_freq == 0:  # tensorboard at the console's pace, not every step
+            now = time.time()
+            img_s = self.window_images / max(now - self.window_start, 1e-9)
+            self.window_start, self.window_images = now, 0
+            epoch_1000x = int((step + 1) / self.steps_per_epoch * 1000 + epoch * 1000)
+            ctx.writer.scalars({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "train/img_s": img_s,
+                                **{f"train/{k}": v for k, v in metrics.items()}}, epoch_1000x)
+        self.recorded += 1
 
 
 def nonfinite_advice(ctx: LoopContext) -> str:
@@ -235,28 +324,42 @@ def nonfinite_advice(ctx: LoopContext) -> str:
     return f"No checkpoint of this run was written yet: {change}, then {again} to start again from {start}."
 
 
-def _optimizer_step(optimizer, params: list, ctx: LoopContext, epoch: int, step: int) -> float:
+def _gradient_norm(optimizer, params: list, ctx: LoopContext) -> torch.Tensor:
+    """The global gradient norm (after unscaling, fp16), clipping to --clip_grad; stays on the device."""
     if ctx.scaler:
         ctx.scaler.unscale_(optimizer)
-    max_norm = ctx.args.clip_grad if ctx.args.clip_grad is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    if ctx.args.clip_grad is not None:
+        return torch.nn.utils.clip_grad_norm_(params, ctx.args.clip_grad)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def _update_skips_non_finite(optimizer, ctx: LoopContext) -> bool:
+    """Whether a non-finite gradient stops the update on the device: the fp16 grad scaler, or an optimizer
+    that takes `found_inf` (torch's fused AdamW/Adam/SGD)."""
+    return ctx.scaler is not None or getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def _apply_update(optimizer, ctx: LoopContext, grad_norm: torch.Tensor) -> None:
     if ctx.scaler:  # fp16: an inf/nan gradient makes the scaler skip the step and lower its scale
         ctx.scaler.step(optimizer)
         ctx.scaler.update()
-    elif not math.isfinite(grad_norm):  # same value on every rank: gradients are already all-reduced
-        raise NonFiniteLossError(f"non-finite gradient norm at epoch {epoch}, step {step}; the step was not "
-                                 f"applied. {nonfinite_advice(ctx)}")
-    else:
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        # same value on every rank (gradients are all-reduced): every rank skips or applies alike
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
+        del optimizer.found_inf
+    else:  # the monitor has settled this step: its gradient is finite
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
 
 
-def _maybe_checkpoint(ctx: LoopContext, epoch: int, next_step: int) -> None:
+def _maybe_checkpoint(ctx: LoopContext, epoch: int, next_step: int, monitor: Optional[StepMonitor] = None) -> None:
     """Within an epoch, at an optimizer-step boundary: on an agreed signal, or when the timer is due
-    (only rank 0 writes, so its timer alone matters)."""
+    (only rank 0 writes, so its timer alone matters). Pending step records are settled first."""
     due = time.time() - ctx.last_save >= ctx.args.save_interval_min * 60
     if ctx.signals.agreed_save or ctx.signals.agreed_stop or due:
+        if monitor is not None:
+            monitor.settle()  # a non-finite step raises here, before anything is written
         ctx.save_latest(epoch, next_step)
         ctx.last_save = time.time()
         ctx.signals.agreed_save = False
@@ -304,9 +407,12 @@ def setup(args) -> tuple[DistEnv, torch.device]:
 
 
 def configure_backends(device: torch.device) -> None:
-    """As MAE: let cuDNN pick the fastest kernels for the fixed input shapes (the patch-embedding conv)."""
+    """As MAE: let cuDNN pick the fastest kernels for the fixed input shapes (the patch-embedding conv); TF32 for
+    the float32 CUDA matmuls left outside autocast (set for CUDA only: `set_float32_matmul_precision` would also
+    lower CPU matmuls to TF32 where the CPU has it)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 @dataclass
@@ -343,6 +449,7 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
     logger.info("effective batch %d, lr %.3g (blr %.3g), %d steps/epoch", eff_batch, args.lr, args.blr,
                 steps_per_epoch)
     model = task.model
+    watch = compile_in_place(model) if getattr(args, "compile", False) else None
     if env.enabled:
         model = DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
@@ -376,7 +483,7 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
     writer = TensorboardWriter(args.log_dir, env.is_main)
     ctx = LoopContext(args=args, env=env, device=device, writer=writer, save_latest=save_latest,
                       signals=StopSignals().install(), scaler=scaler, after_optimizer_step=task.after_optimizer_step,
-                      lr_given=lr_given)
+                      lr_given=lr_given, vote_group=cpu_group(args.dist_timeout_min))
     logger.info("training epochs %d..%d from step %d", start_epoch, args.epochs - 1, start_step)
     start_time = time.time()
     workers = args.num_workers
@@ -401,6 +508,10 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
             save_latest(epoch, steps_per_epoch, epoch_log=record)  # the record too: see _complete_epoch_end
             ctx.last_save = time.time()
             _log_epoch(args, env, writer, record)
+            if watch is not None:  # the first epoch is the warm-up: later graphs are recompiles
+                if watch.warm_graphs is None:
+                    watch.mark_warm()
+                logger.info("%s", watch.summary())
             _stop_if_agreed(ctx, epoch, steps_per_epoch)
     finally:
         ctx.signals.uninstall()

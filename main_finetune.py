@@ -33,7 +33,7 @@ from util import checkpoint
 from util.data import TrainData, build_dataset, build_finetune_transform, build_train_data
 from util.distributed import DistEnv
 from util.metrics import TensorboardWriter
-from util.optim import LARS, param_groups_layer_decay
+from util.optim import LARS, adamw, param_groups_layer_decay
 from util.pretrained import load_into, read_backbone
 from util.recipes import LINPROBE_EFFECTIVE_BATCH, MAE_LINPROBE, recipes_for
 from util.sampler import PerSampleSeeded
@@ -185,7 +185,7 @@ def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
         return LARS(params, lr=args.blr, weight_decay=args.weight_decay)
     if args.opt == "sgd":
         return torch.optim.SGD(params, lr=args.blr, momentum=0.9, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(params, lr=args.blr)
+    return adamw(params, args.blr, torch.device(args.device))
 
 
 def build_criterion(args) -> nn.Module:

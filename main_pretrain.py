@@ -15,13 +15,13 @@ import timm
 import torch
 
 import models_maskalign
-from engine import Task, fit, run_main, setup
+from engine import Task, amp_dtype, fit, run_main, setup
 from util import args as cli
-from util.data import build_train_data
+from util.data import TrainData, build_train_data
 from util.demo import DEMO_DEFAULTS, prepare_demo_data, prepare_demo_teacher
 from util.distributed import DistEnv, barrier
 from util.metrics import TensorboardWriter
-from util.optim import param_groups_weight_decay
+from util.optim import adamw, param_groups_weight_decay
 from util.recipes import recipes_for
 from util.sampler import PerSampleSeeded
 
@@ -81,7 +81,7 @@ def _build_model(args: argparse.Namespace) -> models_maskalign.MaskAlignViT:
 def pretrain_forward(model, batch):
     """One micro-batch: the alignment loss and its per-level parts for logging."""
     loss, _, _, level_losses = model(batch[0], return_level_losses=True)
-    return loss, {f"loss_level{i}": v for i, v in enumerate(level_losses.detach().float().tolist())}
+    return loss, {f"loss_level{i}": v for i, v in enumerate(level_losses.detach().float())}  # read lazily
 
 
 def prepare_demo(args: argparse.Namespace, env: DistEnv) -> None:
@@ -119,8 +119,14 @@ def main(args: argparse.Namespace) -> None:
     data = build_train_data(args.data_backend, args.data_path, args.input_size, file_list=args.file_list,
                             max_bad_fraction=args.max_bad_fraction)
     model = build_model(args).to(device)
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay), lr=args.blr,
-                                  betas=(0.9, 0.95))
+    fit(args, env, device, make_task(args, model, data, device))
+
+
+def make_task(args: argparse.Namespace, model: models_maskalign.MaskAlignViT, data: TrainData,
+              device: torch.device) -> Task:
+    """The pre-training task for `engine.fit`: fused AdamW, the teacher's weights kept in the autocast dtype."""
+    model.teacher.set_compute_dtype(amp_dtype(args))
+    optimizer = adamw(param_groups_weight_decay(model, args.weight_decay), args.blr, device, betas=(0.9, 0.95))
 
     def end_of_epoch(epoch: int, writer: TensorboardWriter) -> dict:
         image = alignment_matrix_image(model)
@@ -128,10 +134,9 @@ def main(args: argparse.Namespace) -> None:
             writer.image("dynamic_alignment_matrix", image, (epoch + 1) * 1000)
         return {}
 
-    fit(args, env, device, Task(model=model, forward_fn=pretrain_forward,
-                                dataset=PerSampleSeeded(data.dataset, args.seed), optimizer=optimizer,
-                                end_of_epoch=end_of_epoch, collate_fn=data.collate_fn,
-                                batch_to_device=data.batch_to_device))
+    return Task(model=model, forward_fn=pretrain_forward, dataset=PerSampleSeeded(data.dataset, args.seed),
+                optimizer=optimizer, end_of_epoch=end_of_epoch, collate_fn=data.collate_fn,
+                batch_to_device=data.batch_to_device)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:

@@ -165,14 +165,28 @@ class MaskAlignViT(VisionTransformer):
             return attentive_visible(cls_attention, len_keep)
         return random_visible(batch_size, self.num_patches, len_keep, device)
 
-    def targets(self, teacher_levels: dict[int, torch.Tensor], ids_keep: torch.Tensor) -> torch.Tensor:
-        """K x B x n x C normalised teacher features at the visible positions ([CLS] first if aligned)."""
+    def targets(self, teacher_levels: dict[int, torch.Tensor], ids_keep: torch.Tensor,
+                visible_levels: frozenset[int] = frozenset()) -> torch.Tensor:
+        """K x B x n x C normalised teacher features at the visible positions ([CLS] first if aligned).
+
+        Levels in `visible_levels` are already given at [CLS] + the visible patches only.
+        """
         out = []
         first_patch = int(self.teacher.has_cls_token)
+        norm = self.config.target_norm
+
+        def pick(y: torch.Tensor) -> torch.Tensor:
+            return torch.cat([y[:, :first_patch], gather_tokens(y[:, first_patch:], ids_keep)], dim=1)
+
         for level in self.target_levels:
-            y = normalize_target(teacher_levels[level].float(), self.config.target_norm)
-            patches = gather_tokens(y[:, first_patch:], ids_keep)
-            out.append(torch.cat([y[:, :1], patches], dim=1) if self.config.align_cls else patches)
+            y = teacher_levels[level].float()
+            if level in visible_levels:
+                y = normalize_target(y, norm)
+            elif norm != "bn":  # a per-token norm commutes with picking tokens: normalise fewer of them
+                y = normalize_target(pick(y), norm)
+            else:
+                y = pick(normalize_target(y, norm))
+            out.append(y if self.config.align_cls else y[:, first_patch:])
         return torch.stack(out)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: Optional[float] = None,
@@ -184,17 +198,23 @@ class MaskAlignViT(VisionTransformer):
         mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         check_mask_ratio(mask_ratio)
         need_attention = ids_keep is None and self.config.mask_type == "attentive" and mask_ratio > 0
-        with torch.no_grad():
-            teacher_out = self.teacher(imgs, self.target_levels, need_cls_attention=need_attention)
-        if ids_keep is None:
+
+        def choose_visible(cls_attention: Optional[torch.Tensor]) -> torch.Tensor:
+            if ids_keep is not None:
+                return ids_keep
             if mask_ratio == 0:  # every patch kept: feature distillation
-                ids_keep = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
-            else:
-                ids_keep = self.sample_visible(imgs.shape[0], mask_ratio, teacher_out.cls_attention, imgs.device)
+                return torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
+            return self.sample_visible(imgs.shape[0], mask_ratio, cls_attention, imgs.device)
+
+        with torch.no_grad():
+            # "bn" targets need every token of every level: the teacher then computes its last block in full
+            teacher_out = self.teacher(imgs, self.target_levels, need_cls_attention=need_attention,
+                                       choose_visible=choose_visible, visible_only=self.config.target_norm != "bn")
+        ids_keep = teacher_out.ids_keep
         pred = self.dynamic_align(self.forward_visible(imgs, ids_keep))
         if not self.config.align_cls:
             pred = pred[:, :, 1:]
-        target = self.targets(teacher_out.levels, ids_keep)
+        target = self.targets(teacher_out.levels, ids_keep, teacher_out.visible_levels)
         level_losses = torch.stack([alignment_loss(p.float(), t, self.config.loss_type) for p, t in zip(pred, target)])
         loss = level_losses.mean()
         mask = mask_from_visible(ids_keep, self.num_patches)

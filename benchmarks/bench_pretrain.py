@@ -1,97 +1,438 @@
-"""Throughput of one MaskAlign pre-training step, and where its time goes.
+"""Speed of a MaskAlign pre-training step: img/s, MFU, the real loop, feature distillation, eager vs compiled,
+and the reference MaskAlign code side by side.
 
-    python benchmarks/bench_pretrain.py --device cuda --batch_size 128            # ViT-B/16 student, CLIP-B/16 teacher
-    python benchmarks/bench_pretrain.py --device cpu --batch_size 4 --steps 3     # smoke run
+    python benchmarks/bench_pretrain.py                                  # GPU: ViT-B/16 + CLIP-B/16, bf16, batch 128
+    python benchmarks/bench_pretrain.py --compile --loop --ref .ref/maskalign     # every figure of the README
+    python benchmarks/bench_pretrain.py --device cpu --amp none --batch_size 8 --ref DIR --rounds 5   # CPU figure
 
-Prints, per configuration: ms per step (teacher forward + student forward/backward + AdamW), images/s,
-the teacher's share of the step, and peak GPU memory. Teachers use random weights (same cost as real ones).
-`mask_ratio 0.0` is feature distillation (the student sees every token), the paper's FD baseline.
+Per setting it prints ms per step, img/s, achieved TFLOP/s, MFU and peak GPU memory. A *step* is the
+teacher forward, student forward/backward and the optimizer update, on one fixed in-memory batch; the *loop*
+is the same model trained through `engine.fit` (lr schedule, signal vote, loss check, logging, checkpoint
+timer, DataLoader of synthetic in-memory images, fp32 host->device copies), timed after its warm-up steps.
+FLOPs are counted by torch.utils.flop_counter.FlopCounterMode on one eager step (matmuls, convolutions and
+attention; elementwise work is not counted); MFU divides them by the card's dense bf16/fp16 peak (TF32 peak,
+half of it, for --amp none), from a small table or --peak_tflops. Teachers use random weights (same cost).
+
+--ref DIR times the reference code (github.com/OpenDriveLab/maskalign, extracted to DIR) in the same process:
+its model with the paper's config and its training recipe (AdamW, fp16 autocast + GradScaler on GPU with the
+gradient norm its loss scaler computes, float32 on CPU). Only --ref needs `transformers` (the reference's
+teacher is a Hugging Face CLIPVisionModel); nothing else here does. Newer libraries renamed a few things the
+reference relies on; the loader adapts them without changing what it computes.
+
+--rounds R > 1 alternates the settings R times and reports medians (for a machine shared with other work);
+with --rounds 1 each setting runs alone and is freed before the next, so its peak memory is its own.
 """
+import argparse
+import gc
+import importlib
+import logging
 import os
+import statistics
 import sys
+import tempfile
 import time
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable, Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import engine  # noqa: E402
+import main_pretrain  # noqa: E402
 import models_maskalign  # noqa: E402
-from util.args import new_parser  # noqa: E402
-from util.optim import param_groups_weight_decay  # noqa: E402
+from util.args import ParseKwargs, new_parser  # noqa: E402
+from util.compile import CompileWatch, compile_in_place  # noqa: E402
+from util.data import TrainData  # noqa: E402
+from util.distributed import DistEnv  # noqa: E402
+from util.optim import adamw, param_groups_weight_decay  # noqa: E402
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s; TF32 is half of these.
+PEAK_TFLOPS = {"A100": 312.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H200": 989.0}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def card_peak_tflops(device: torch.device, amp: str, override: Optional[float]) -> Optional[float]:
+    """The dense peak for `amp` on this card (None when unknown, e.g. on CPU without --peak_tflops)."""
+    if override is not None:
+        peak = override
+    elif device.type != "cuda":
+        return None
+    else:
+        name = torch.cuda.get_device_name(device)
+        if "H200" in name:
+            peak = PEAK_TFLOPS["H200"]
+        elif "H100" in name:
+            peak = PEAK_TFLOPS["H100 PCIe" if "PCIe" in name else "H100 SXM"]
+        elif "A100" in name:
+            peak = PEAK_TFLOPS["A100"]
+        else:
+            return None
+    return peak if amp != "none" else peak / 2
+
+
+# --------------------------------------------------------------------------------------------- settings
+@dataclass
+class Setting:
+    """One thing to time: a step closure, its FLOPs per step and what to print next to it."""
+    name: str
+    amp: str
+    step: Callable[[], None]
+    flops: float
+    watch: Optional[CompileWatch] = None
+    times: list[float] = field(default_factory=list)  # seconds per step, one entry per timed block
+    peak_gib: float = float("nan")
+    loop_img_s: Optional[float] = None
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, steps: int, warmup: int) -> float:
-    """Mean seconds per call after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
+def count_flops(step: Callable[[], None]) -> float:
+    """FLOPs of one call of `step` (CPU attention kernels are counted with torch's own SDPA formulas; the fused
+    CPU inference path of nn.MultiheadAttention, whose inner matmuls the counter cannot see, is switched off)."""
+    aten = torch.ops.aten
+    cpu_attention = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
+    }
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+            step()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return float(counter.get_total_flops())
+
+
+def build_ours(args, device: torch.device, mask_ratio: float, amp: str, compiled: bool) -> tuple[Callable, float]:
+    """(step, FLOPs per step) of our model as the training loop runs it: fused AdamW, the teacher's weights in
+    the autocast dtype, fp16 with a grad scaler, the loop's guarded update. FLOPs are counted eagerly."""
+    torch.manual_seed(0)
+    model = models_maskalign.__dict__[args.model](
+        teacher=args.teacher, teacher_weights="random", mask_ratio=mask_ratio, drop_path_rate=0.1,
+        **args.model_kwargs).to(device)
+    model.teacher.set_compute_dtype(AMP_DTYPES[amp])
+    optimizer = adamw(param_groups_weight_decay(model, 0.05), 1e-4, device, betas=(0.9, 0.95))
+    params = [p for p in model.parameters() if p.requires_grad]
+    ctx = SimpleNamespace(scaler=torch.amp.GradScaler(device.type) if amp == "fp16" else None,
+                          args=SimpleNamespace(clip_grad=None))
+    loop_args = SimpleNamespace(amp=amp)
+
+    def make_step(images: torch.Tensor, update: bool = True) -> Callable[[], None]:
+        def step() -> None:
+            with engine.autocast(loop_args, device):  # the loop's forward: a compiled graph serves both
+                loss = main_pretrain.pretrain_forward(model, [images])[0]
+            (ctx.scaler.scale(loss) if ctx.scaler else loss).backward()
+            if update:
+                engine._apply_update(optimizer, ctx, engine._gradient_norm(optimizer, params, ctx))
+            else:
+                optimizer.zero_grad(set_to_none=True)
+        return step
+
+    flops = count_flops(make_step(torch.randn(2, 3, args.input_size, args.input_size, device=device), update=False))
+    if compiled:
+        compile_in_place(model)
+    step = make_step(torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device))
+    return step, flops * args.batch_size / 2
+
+
+def load_reference(ref_dir: str):
+    """The reference code's models_pretrain module, adapted to today's libraries: timm's Block no longer takes
+    `qk_scale`, numpy dropped `np.float`, and its teacher (`CLIPVisionModel.from_pretrained`) is built with
+    random weights of the same shape, with eager attention (it asks for the attention maps)."""
+    import numpy as np
+    import timm.models.vision_transformer as tvt
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    if not os.path.isfile(os.path.join(ref_dir, "models_pretrain.py")):
+        raise SystemExit(f"--ref {ref_dir}: no models_pretrain.py there; extract github.com/OpenDriveLab/maskalign")
+    if not hasattr(np, "float"):
+        np.float = float
+    timm_block = tvt.Block
+
+    class BlockWithQkScale(timm_block):
+        def __init__(self, *a, qk_scale=None, **kw):
+            super().__init__(*a, **kw)
+
+    def random_clip(name: str, **_):
+        large = "large" in name
+        config = CLIPVisionConfig(hidden_size=1024 if large else 768, intermediate_size=4096 if large else 3072,
+                                  num_hidden_layers=24 if large else 12, num_attention_heads=16 if large else 12,
+                                  patch_size=14 if large else 16, image_size=224)
+        config._attn_implementation = "eager"
+        return CLIPVisionModel(config)
+
+    tvt.Block = BlockWithQkScale
+    sys.path.insert(0, ref_dir)
+    try:
+        module = importlib.import_module("models_pretrain")
+    finally:
+        tvt.Block = timm_block
+        sys.path.remove(ref_dir)
+    module.CLIPVisionModel = SimpleNamespace(from_pretrained=random_clip)
+    return module
+
+
+def build_reference(args, device: torch.device, amp: str) -> tuple[Callable, float]:
+    """The reference step as its engine_pretrain.py runs it: autocast, its loss scaler (scale, backward,
+    unscale, gradient norm, step, update) on GPU, AdamW with its weight-decay groups."""
+    reference = load_reference(args.ref)
+    torch.manual_seed(0)
+    model = reference.mae_vit_base_patch16(
+        drop_path_rate=0.1, loss_weights="top5", loss_type="smoothl1", mask_type="attention", fusion_type="linear",
+        target_norm="whiten", head_type="linear", teacher_model="openai/clip-vit-base-patch16").to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and not n.endswith(".bias")]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))]
+    optimizer = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.05}],
+                                  lr=1e-4, betas=(0.9, 0.95))
+    params = decay + no_decay
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    dtype = AMP_DTYPES[amp]
+
+    def make_step(images: torch.Tensor, update: bool = True) -> Callable[[], None]:
+        def step() -> None:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = model(images, mask_ratio=0.7)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if update:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                    torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in params if p.grad is not None]))
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    flops = count_flops(make_step(torch.randn(2, 3, 224, 224, device=device), update=False))
+    return make_step(torch.randn(args.batch_size, 3, 224, 224, device=device)), flops * args.batch_size / 2
+
+
+def make_setting(args, device, name: str, amp: str, build: Callable[[], tuple[Callable, float]],
+                 compiled: bool) -> Setting:
+    step, flops = build()
+    setting = Setting(name, amp, step, flops, CompileWatch() if compiled else None)
+    start = time.perf_counter()
+    for _ in range(args.warmup):  # compiles here, when compiled
+        step()
+    sync(device)
+    if setting.watch is not None:
+        setting.watch.mark_warm()
+    print(f"  built and warmed up {name} in {time.perf_counter() - start:.0f} s", flush=True)
+    return setting
+
+
+def time_block(setting: Setting, device: torch.device, steps: int) -> None:
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        fn()
+        setting.step()
     sync(device)
-    return (time.perf_counter() - start) / steps
+    setting.times.append((time.perf_counter() - start) / steps)
 
 
-def bench(args, mask_ratio: float, mask_type: str) -> dict:
+# ------------------------------------------------------------------------------------------------ the loop
+class SyntheticImages(torch.utils.data.Dataset):
+    """`n` ImageNet-normalised float32 images held in memory (a fixed pool of 16, so memory stays small)."""
+    num_bad = 0
+
+    def __init__(self, n: int, size: int) -> None:
+        self.n = n
+        self.pool = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.pool[index % 16].clone(), 0
+
+
+def loop_img_s(args, device: torch.device, mask_ratio: float, amp: str, compiled: bool) -> float:
+    """img/s of `engine.fit` (one epoch of warmup + rounds * steps steps) after its warm-up steps."""
+    steps = args.rounds * args.steps
+    with tempfile.TemporaryDirectory() as out:
+        flags = ["--model", args.model, "--teacher", args.teacher, "--teacher_weights", "random",
+                 "--batch_size", str(args.batch_size), "--epochs", "1", "--amp", amp, "--device", device.type,
+                 "--output_dir", out, "--num_workers", str(args.num_workers), "--mask_ratio", str(mask_ratio),
+                 "--input_size", str(args.input_size), "--print_freq", "20", "--save_freq", "1000"]
+        flags += ["--compile"] if compiled else []
+        flags += ["--model_kwargs", *[f"{k}={v}" for k, v in args.model_kwargs.items()]] if args.model_kwargs else []
+        loop_args = main_pretrain.parse_args(flags)
+        env, _ = engine.setup(loop_args)
+        model = main_pretrain.build_model(loop_args).to(device)
+        images = SyntheticImages((args.warmup + steps) * args.batch_size, args.input_size)
+        task = main_pretrain.make_task(loop_args, model, TrainData(images), device)
+        clock = {}
+        forward = task.forward_fn
+
+        def timed_forward(m, batch):
+            clock["calls"] = clock.get("calls", 0) + 1
+            if clock["calls"] == args.warmup + 1:
+                sync(device)
+                clock["start"] = time.perf_counter()
+            return forward(m, batch)
+
+        def end_of_epoch(epoch, writer):
+            sync(device)
+            clock["end"] = time.perf_counter()
+            return {}
+
+        task.forward_fn, task.end_of_epoch = timed_forward, end_of_epoch
+        engine.fit(loop_args, DistEnv(), device, task)
+    return steps * args.batch_size / (clock["end"] - clock["start"])
+
+
+# ------------------------------------------------------------------------------------------------- report
+def print_report(args, device: torch.device, settings: list[Setting]) -> None:
+    print(f"\n{'setting':<34}{'ms/step':>9}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'loop img/s':>12}")
+    by_name = {}
+    for s in settings:
+        step_s = statistics.median(s.times)
+        by_name[s.name] = step_s
+        tflops = s.flops / step_s / 1e12
+        peak = card_peak_tflops(device, s.amp, args.peak_tflops)
+        mfu = f"{tflops / peak:.1%}" if peak else "n/a"
+        loop = f"{s.loop_img_s:.1f}" if s.loop_img_s else ""
+        print(f"{s.name:<34}{1000 * step_s:>9.1f}{args.batch_size / step_s:>9.1f}{tflops:>9.1f}{mfu:>7}"
+              f"{s.peak_gib:>10.2f}{loop:>12}")
+    print()
+    for s in settings:
+        print(f"{s.name}: {s.flops / args.batch_size / 1e9:.1f} GFLOP per image counted"
+              + (f"; {s.watch.summary()}" if s.watch else ""))
+        if s.loop_img_s:
+            print(f"  loop / bare step img/s: {s.loop_img_s * by_name[s.name] / args.batch_size:.2f}")
+    ours = [s for s in settings if s.name.startswith("ours") and "FD" not in s.name]
+    best = min(ours, key=lambda s: by_name[s.name])
+    for s in settings:
+        if "FD" in s.name:
+            same = s.name.replace("FD", "MaskAlign")
+            if same in by_name:
+                print(f"MaskAlign / FD step time ({s.name[5:]}): {by_name[same] / by_name[s.name]:.2f}")
+    for ref in (s for s in settings if s.name.startswith("reference")):
+        print(f"ours best ({best.name}) / reference step time: {by_name[best.name] / by_name[ref.name]:.2f}"
+              f"  (img/s {by_name[ref.name] / by_name[best.name]:.2f}x)")
+        same = [s for s in ours if s.amp == ref.amp and s.watch is None]
+        if same:
+            print(f"ours same precision ({same[0].name}) / reference step time: "
+                  f"{by_name[same[0].name] / by_name[ref.name]:.2f}")
+
+
+def plan(args) -> list[tuple[str, str, Callable[[], tuple[Callable, float]], bool, Optional[float]]]:
+    """(name, amp, builder, compiled, loop mask ratio or None) for every setting asked for."""
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = models_maskalign.__dict__[args.model](teacher=args.teacher, teacher_weights="random",
-                                                  mask_ratio=mask_ratio, mask_type=mask_type,
-                                                  drop_path_rate=0.1).to(device)
-    opt = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
-    imgs = torch.randn(args.batch_size, 3, 224, 224, device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    loop_ratio = args.mask_ratio if args.loop else None
+    settings = [(f"ours MaskAlign {args.amp} eager", args.amp,
+                 lambda: build_ours(args, device, args.mask_ratio, args.amp, False), False, loop_ratio),
+                (f"ours FD {args.amp} eager", args.amp, lambda: build_ours(args, device, 0.0, args.amp, False),
+                 False, None)]
+    if args.ref:
+        ref_amp = args.ref_amp or ("fp16" if device.type == "cuda" else "none")
+        if ref_amp != args.amp:
+            settings.append((f"ours MaskAlign {ref_amp} eager", ref_amp,
+                             lambda: build_ours(args, device, args.mask_ratio, ref_amp, False), False, None))
+        settings.append((f"reference {ref_amp}" + (" + GradScaler" if ref_amp == "fp16" else ""), ref_amp,
+                         lambda: build_reference(args, device, ref_amp), False, None))
+    if args.compile:  # last: the slowest to build
+        settings.append((f"ours MaskAlign {args.amp} compiled", args.amp,
+                         lambda: build_ours(args, device, args.mask_ratio, args.amp, True), True, loop_ratio))
+        if args.compile_fd:
+            settings.append((f"ours FD {args.amp} compiled", args.amp,
+                             lambda: build_ours(args, device, 0.0, args.amp, True), True, None))
+    return settings
 
-    def step():
-        with amp:
-            loss = model(imgs)[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    def teacher_only():
-        with amp, torch.no_grad():
-            model.teacher(imgs, model.target_levels, need_cls_attention=mask_type == "attentive")
-
+def run(args) -> None:
+    device = torch.device(args.device)
+    engine.configure_backends(device)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    step_s = timed(step, device, args.steps, args.warmup)
-    teacher_s = timed(teacher_only, device, args.steps, args.warmup)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-    return dict(step_ms=1000 * step_s, img_s=args.batch_size / step_s, teacher_share=teacher_s / step_s,
-                peak_gib=peak)
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
+              f"peak {card_peak_tflops(device, args.amp, args.peak_tflops)} TFLOP/s ({args.amp})")
+    else:
+        print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"{args.model} + {args.teacher}, batch {args.batch_size}, mask {args.mask_ratio} attentive, "
+          f"{args.warmup} warm-up steps, {args.rounds} round(s) of {args.steps} timed steps", flush=True)
+    logging.getLogger("maskalign").setLevel(logging.WARNING)
+    planned = plan(args)
+    settings = []
+    if args.rounds == 1:  # one at a time: each peak memory figure is the setting's own
+        for name, amp, build, compiled, loop_ratio in planned:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            setting = make_setting(args, device, name, amp, build, compiled)
+            time_block(setting, device, args.steps)
+            if device.type == "cuda":
+                setting.peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            setting.step = None  # frees the model before the next setting
+            settings.append(setting)
+            gc.collect()
+            print(f"  {name}: {1000 * setting.times[0]:.1f} ms/step, {args.batch_size / setting.times[0]:.1f} img/s",
+                  flush=True)
+            if loop_ratio is not None:
+                setting.loop_img_s = loop_img_s(args, device, loop_ratio, amp, compiled)
+                print(f"  {name} through engine.fit: {setting.loop_img_s:.1f} img/s", flush=True)
+    else:  # alternate, for a machine shared with other work
+        settings = [make_setting(args, device, name, amp, build, compiled) for name, amp, build, compiled, _ in planned]
+        for _ in range(args.rounds):
+            for setting in settings:
+                time_block(setting, device, args.steps)
+        for setting, (_, amp, _, compiled, loop_ratio) in zip(settings, planned):
+            if loop_ratio is not None:
+                setting.loop_img_s = loop_img_s(args, device, loop_ratio, amp, compiled)
+    print_report(args, device, settings)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = new_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="maskalign_vit_base_patch16")
+    parser.add_argument("--model_kwargs", nargs="*", action=ParseKwargs, default={}, metavar="KEY=VALUE",
+                        help="override the student, e.g. depth=2 (smoke runs)")
     parser.add_argument("--teacher", default="openai/clip-vit-base-patch16")
+    parser.add_argument("--input_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--amp", choices=("bf16", "none"), default=None)
+    parser.add_argument("--mask_ratio", type=float, default=0.7)
+    parser.add_argument("--amp", choices=("bf16", "fp16", "none"), default=None,
+                        help="ours (default: bf16 on CUDA, none on CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time ours compiled (torch.compile)")
+    parser.add_argument("--compile_fd", action="store_true", help="with --compile, also FD compiled")
+    parser.add_argument("--loop", action="store_true", help="also time ours through engine.fit")
+    parser.add_argument("--ref", default=None, metavar="DIR", help="also time the reference code extracted in DIR "
+                                                                   "(needs transformers)")
+    parser.add_argument("--ref_amp", choices=("fp16", "bf16", "none"), default=None,
+                        help="the reference's precision (default: its recipe, fp16 + GradScaler on CUDA; none on CPU)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per setting (compilation included)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per block")
+    parser.add_argument("--rounds", type=int, default=1, help="alternating blocks per setting (medians reported)")
+    parser.add_argument("--num_workers", type=int, default=8, help="DataLoader workers of the loop")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="the card's dense bf16 peak for MFU (default: from the table, when the card is in it)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{args.model} + {args.teacher}, batch {args.batch_size}, amp {args.amp}, "
-          f"{args.steps} timed steps after {args.warmup}")
-    print(f"{'config':<28}{'ms/step':>10}{'img/s':>10}{'teacher':>10}{'peak GiB':>10}")
-    results = {}
-    for mask_ratio, mask_type in ((0.7, "attentive"), (0.7, "random"), (0.0, "random")):
-        name = f"mask {mask_ratio} {mask_type}" + (" (FD)" if mask_ratio == 0 else "")
-        r = results[name] = bench(args, mask_ratio, mask_type)
-        print(f"{name:<28}{r['step_ms']:>10.1f}{r['img_s']:>10.1f}{r['teacher_share']:>10.0%}{r['peak_gib']:>10.2f}")
-    fd, ours = results["mask 0.0 random (FD)"], results["mask 0.7 attentive"]
-    print(f"MaskAlign step is {fd['step_ms'] / ours['step_ms']:.2f}x faster than feature distillation (mask 0)")
+    if args.amp == "fp16" and not args.device.startswith("cuda") or (
+            args.ref_amp == "fp16" and not args.device.startswith("cuda")):
+        parser.error("fp16 needs CUDA (its GradScaler)")
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup, --steps and --rounds must be >= 1")
+    if args.ref:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            parser.error("--ref needs the `transformers` package (pip install transformers); nothing else does")
+    run(args)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ can be used; anything else fails at once, asking for a local file via ``--teache
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import urllib.parse
@@ -83,10 +84,15 @@ class TeacherOutput(NamedTuple):
         without [CLS]).
     cls_attention: B x N float32 attention of the last block's [CLS] query to the patch keys
         (softmax over all keys, then the patch columns), averaged over heads; None unless asked.
+    ids_keep: B x n patch indices returned by `choose_visible` (None without it).
+    visible_levels: the levels given only at [CLS] + the patches of ids_keep (B x (1+n) x C, in that order),
+        not at every token.
     """
 
     levels: dict[int, torch.Tensor]
     cls_attention: Optional[torch.Tensor]
+    ids_keep: Optional[torch.Tensor] = None
+    visible_levels: frozenset[int] = frozenset()
 
 
 class TeacherSpec(NamedTuple):
@@ -139,6 +145,7 @@ class Teacher(nn.Module):
         t_mean, t_std = torch.tensor(self.mean), torch.tensor(self.std)
         self.register_buffer("input_scale", (in_std / t_std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("input_shift", ((in_mean - t_mean) / t_std).view(1, 3, 1, 1), persistent=False)
+        self.compute_dtype: Optional[torch.dtype] = None  # see set_compute_dtype
         self.requires_grad_(False)
         super().train(False)
 
@@ -159,24 +166,37 @@ class Teacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, levels: Sequence[int],
-                need_cls_attention: bool = False) -> TeacherOutput:
+    def forward(self, images: torch.Tensor, levels: Sequence[int], need_cls_attention: bool = False,
+                choose_visible: Optional[Callable[[Optional[torch.Tensor]], torch.Tensor]] = None,
+                visible_only: bool = True) -> TeacherOutput:
         """ImageNet-normalised B x 3 x H x W images -> the requested levels (see TeacherOutput).
 
         Blocks after the last requested level are skipped unless the [CLS] attention, which lives in
-        the last block, is asked for.
+        the last block, is asked for. `choose_visible(cls_attention)` -> B x n patch indices is called once
+        the [CLS] attention is known; with `visible_only` the final block then computes its queries,
+        attention output and MLP only for [CLS] + those patches (its keys and values still come from every
+        token, so these rows equal the full block's), and its level is returned at those rows only.
         """
         wanted = self._check_request(levels, need_cls_attention)
         last = self.depth - 1 if need_cls_attention else max(wanted)
-        x = self._embed(self._to_teacher_pixels(images))
-        out, cls_attention = {}, None
-        for i, block in enumerate(self.blocks[: last + 1]):
-            if need_cls_attention and i == self.depth - 1:
-                cls_attention = self._cls_attention(block, x)
-            x = block(x)
-            if i in wanted:
-                out[i] = self._cls_and_patches(x)
-        return TeacherOutput(out, cls_attention)
+        blocks = self.blocks
+        with self._compute_autocast(images.device):
+            x = self._embed(self._to_teacher_pixels(images))
+            out: dict[int, torch.Tensor] = {}
+            for i in range(last):
+                x = blocks[i](x)
+                if i in wanted:
+                    out[i] = self._cls_and_patches(x)
+            final = _FinalBlock(self, blocks[last], x)
+            cls_attention = final.cls_attention() if need_cls_attention else None
+            ids_keep = choose_visible(cls_attention) if choose_visible is not None else None
+            rows_only = (ids_keep is not None and visible_only and last in wanted
+                         and ids_keep.shape[1] < self.grid_size ** 2)
+            if rows_only:
+                out[last] = final.visible_rows(ids_keep)
+            elif last in wanted:
+                out[last] = self._cls_and_patches(blocks[last](x))
+        return TeacherOutput(out, cls_attention, ids_keep, frozenset({last}) if rows_only else frozenset())
 
     def _check_request(self, levels: Sequence[int], need_cls_attention: bool) -> frozenset[int]:
         wanted = frozenset(int(level) for level in levels)
@@ -204,23 +224,91 @@ class Teacher(nn.Module):
         patches = x[:, self.num_prefix_tokens:]
         return torch.cat([x[:, :1], patches], dim=1) if self.has_cls_token else patches
 
-    def _cls_attention(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Only the [CLS] query row: O(N) instead of the O(N^2) full attention map."""
-        parts = self._attention_parts(block)
-        h = parts.norm(x)
-        dim = parts.qkv_weight.shape[0] // 3
-        q_bias, k_bias = (None, None) if parts.qkv_bias is None else (
-            parts.qkv_bias[:dim], parts.qkv_bias[dim:2 * dim])
-        q = _split_heads(F.linear(h[:, :1], parts.qkv_weight[:dim], q_bias), parts.num_heads)
-        k = _split_heads(F.linear(h, parts.qkv_weight[dim:2 * dim], k_bias), parts.num_heads)
-        q, k = parts.q_norm(q), parts.k_norm(k)
-        with torch.autocast(device_type=x.device.type, enabled=False):  # sampling weights want fp32
-            logits = (q.float() @ k.float().transpose(-1, -2)) * parts.scale  # B x H x 1 x L
-        return logits.softmax(dim=-1).mean(dim=1)[:, 0, self.num_prefix_tokens:]
+    def _rows_output(self, block: nn.Module, rows: torch.Tensor, normed_rows: torch.Tensor,
+                     heads: torch.Tensor) -> torch.Tensor:
+        """The block's output at `rows` (B x n x C block input) from its attention at those rows
+        (`heads`: B x H x n x head_dim, before any head scale and the output projection)."""
+        raise NotImplementedError
+
+    def set_compute_dtype(self, dtype: Optional[torch.dtype]) -> "Teacher":
+        """Keep the matmul weights (Linear, Conv, attention in-projection) once in `dtype` and run the
+        forward under autocast to it, instead of casting the frozen weights on every step. Under an
+        autocast to the same dtype the numbers are those of the float32 weights; norms stay float32."""
+        self.compute_dtype = dtype
+        if dtype is None:
+            return self
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.to(dtype)
+            elif isinstance(module, nn.MultiheadAttention) or (
+                    isinstance(module, OpenClipAttention) and module.in_proj_weight is not None):
+                module.in_proj_weight.data = module.in_proj_weight.data.to(dtype)
+                if module.in_proj_bias is not None:
+                    module.in_proj_bias.data = module.in_proj_bias.data.to(dtype)
+        return self
+
+    def _compute_autocast(self, device: torch.device):
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.compute_dtype)
 
     def extra_repr(self) -> str:
         return (f"name={self.name}, image_size={self.image_size}, patch_size={self.patch_size}, "
                 f"grid_size={self.grid_size}, depth={self.depth}, embed_dim={self.embed_dim}")
+
+
+class _FinalBlock:
+    """The last block a teacher pass runs, split so that its [CLS] attention row, and then its output at
+    [CLS] + the chosen patches only, share one key/value projection of every token."""
+
+    def __init__(self, teacher: Teacher, block: nn.Module, x: torch.Tensor) -> None:
+        self.teacher, self.block, self.x = teacher, block, x
+        self.parts = teacher._attention_parts(block)
+        dim = self.parts.qkv_weight.shape[0] // 3
+        self._slices = [slice(0, dim), slice(dim, 2 * dim), slice(2 * dim, 3 * dim)]
+        self._normed: Optional[torch.Tensor] = None
+        self._keys: Optional[torch.Tensor] = None
+
+    @property
+    def normed(self) -> torch.Tensor:
+        if self._normed is None:
+            self._normed = self.parts.norm(self.x)
+        return self._normed
+
+    @property
+    def keys(self) -> torch.Tensor:
+        if self._keys is None:
+            self._keys = self.parts.k_norm(_split_heads(self._project(self.normed, 1), self.parts.num_heads))
+        return self._keys
+
+    def _project(self, h: torch.Tensor, which: int) -> torch.Tensor:
+        """0: queries, 1: keys, 2: values (both libraries stack q, k, v row-wise)."""
+        rows = self._slices[which]
+        bias = None if self.parts.qkv_bias is None else self.parts.qkv_bias[rows]
+        return F.linear(h, self.parts.qkv_weight[rows], bias)
+
+    def _queries(self, h: torch.Tensor) -> torch.Tensor:
+        return self.parts.q_norm(_split_heads(self._project(h, 0), self.parts.num_heads))
+
+    def cls_attention(self) -> torch.Tensor:
+        """Only the [CLS] query row: O(N) instead of the O(N^2) full attention map."""
+        q, k = self._queries(self.normed[:, :1]), self.keys
+        with torch.autocast(device_type=self.x.device.type, enabled=False):  # sampling weights want fp32
+            logits = (q.float() @ k.float().transpose(-1, -2)) * self.parts.scale  # B x H x 1 x L
+        return logits.softmax(dim=-1).mean(dim=1)[:, 0, self.teacher.num_prefix_tokens:]
+
+    def visible_rows(self, ids_keep: torch.Tensor) -> torch.Tensor:
+        """The block's output at [CLS] (if any) + the patches of ids_keep, in that order."""
+        values = _split_heads(self._project(self.normed, 2), self.parts.num_heads)
+        queries = self._queries(self._rows(self.normed, ids_keep))
+        heads = F.scaled_dot_product_attention(queries, self.keys, values, scale=self.parts.scale)
+        return self.teacher._rows_output(self.block, self._rows(self.x, ids_keep),
+                                         self._rows(self.normed, ids_keep), heads)
+
+    def _rows(self, t: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        patches = t[:, self.teacher.num_prefix_tokens:]
+        patches = patches.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        return torch.cat([t[:, :1], patches], dim=1) if self.teacher.has_cls_token else patches
 
 
 class TimmTeacher(Teacher):
@@ -254,6 +342,15 @@ class TimmTeacher(Teacher):
         attn = block.attn
         return _AttentionParts(block.norm1, attn.qkv.weight, attn.qkv.bias, attn.q_norm, attn.k_norm,
                                attn.num_heads, attn.scale)
+
+    def _rows_output(self, block: nn.Module, rows: torch.Tensor, normed_rows: torch.Tensor,
+                     heads: torch.Tensor) -> torch.Tensor:
+        attn = block.attn
+        o = _merge_heads(heads)
+        if getattr(attn, "gate", None) is not None:
+            o = o * attn.gate(normed_rows).sigmoid()
+        x = rows + block.ls1(attn.proj(attn.norm(o)))  # drop path and dropout: identity in eval mode
+        return x + block.ls2(block.mlp(block.norm2(x)))
 
 
 class OpenClipTeacher(Teacher):
@@ -293,6 +390,18 @@ class OpenClipTeacher(Teacher):
                                    nn.Identity(), attn.num_heads, attn.head_dim ** -0.5)
         return _AttentionParts(block.ln_1, attn.in_proj_weight, attn.in_proj_bias, attn.ln_q, attn.ln_k,
                                attn.num_heads, attn.scale)
+
+    def _rows_output(self, block: nn.Module, rows: torch.Tensor, normed_rows: torch.Tensor,
+                     heads: torch.Tensor) -> torch.Tensor:
+        attn = block.attn
+        if isinstance(attn, nn.MultiheadAttention):
+            o = attn.out_proj(_merge_heads(heads))
+        else:
+            if attn.head_scale is not None:
+                heads = heads * attn.head_scale
+            o = block.ln_attn(attn.out_proj(attn.ln_inner(_merge_heads(heads))))
+        x = rows + block.ls_1(o)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def resolve_teacher_spec(spec: str, weights: Optional[str] = None) -> TeacherSpec:
@@ -394,6 +503,11 @@ def _resample_open_clip_pos_embed(visual: OpenClipVisionTransformer, grid_size: 
 def _split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     batch, length, dim = t.shape
     return t.view(batch, length, num_heads, dim // num_heads).transpose(1, 2)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, head_dim = t.shape
+    return t.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
 # ----------------------------------------------------------------------------- open_clip

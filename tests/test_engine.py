@@ -11,7 +11,9 @@ from torch.nn.parallel import DistributedDataParallel
 import engine
 from util import checkpoint
 from util.distributed import DistEnv
-from util.metrics import TensorboardWriter
+from util.metrics import MetricLogger, TensorboardWriter
+
+from tiny import assert_same_weights
 
 
 def loop_context(tmp_path, saves, lr_given=False, **args):
@@ -27,11 +29,11 @@ def test_a_signal_landing_after_the_vote_waits_for_the_next_step(tmp_path):
     all-reduce) cannot make it stop alone: every rank stops together one step later."""
     saves = []
     ctx = loop_context(tmp_path, saves)
-    engine._check_loss(torch.tensor(1.0), ctx, epoch=0, step=0)  # this step's vote: nothing pending
+    engine._vote(ctx, epoch=0, step=0)  # this step's vote: nothing pending
     ctx.signals._on_stop(signal.SIGTERM, None)  # lands during backward / the optimizer step
     engine._maybe_checkpoint(ctx, epoch=0, next_step=1)  # not agreed yet: no stop here
     assert saves == []
-    engine._check_loss(torch.tensor(1.0), ctx, epoch=0, step=1)  # next vote carries it
+    engine._vote(ctx, epoch=0, step=1)  # next vote carries it
     with pytest.raises(engine.TrainingInterrupted):
         engine._maybe_checkpoint(ctx, epoch=0, next_step=2)
     assert saves == [(0, 2)]
@@ -42,7 +44,7 @@ def test_a_save_request_is_honoured_once(tmp_path):
     ctx = loop_context(tmp_path, saves)
     ctx.signals._on_save(signal.SIGUSR1, None)
     for step in range(3):
-        engine._check_loss(torch.tensor(1.0), ctx, epoch=0, step=step)
+        engine._vote(ctx, epoch=0, step=step)
         engine._maybe_checkpoint(ctx, epoch=0, next_step=step + 1)
     assert saves == [(0, 1)]
 
@@ -105,17 +107,18 @@ def test_bad_data_on_one_rank_stops_every_rank_at_once(tmp_path, monkeypatch):
             yield (torch.randn(2, 4),)
 
     votes = []
-    monkeypatch.setattr(engine, "all_reduce_sum", lambda t: votes.append(t.clone()) or t)
+    monkeypatch.setattr(engine, "all_reduce_sum", lambda t, group=None: votes.append(t.clone()) or t)
     model = torch.nn.Linear(4, 1)
     train = lambda data: engine.train_one_epoch(  # noqa: E731
         model, lambda m, b: (m(b[0]).pow(2).mean(), {}), data, torch.optim.SGD(model.parameters(), lr=0.1),
         epoch=0, start_step=0, steps_per_epoch=6, ctx=loop_context(tmp_path, []))
     with pytest.raises(TooManyBadSamplesError, match="3 of 4"):  # the failing rank: its own error, after voting
         train(batches())
-    assert len(votes) == 3 and votes[-1][3] == 1.0  # steps 0, 1 voted "fine"; step 2 carried the failure
+    assert len(votes) == 3 and votes[-1][2] == 1.0  # steps 0, 1 voted "fine"; step 2 carried the failure
+    assert all(v.device.type == "cpu" for v in votes)  # a host-side vote: it never waits for the device
 
-    def another_rank_failed(t):  # a healthy rank: someone else's failure arrives in the vote
-        t[3] += 1.0
+    def another_rank_failed(t, group=None):  # a healthy rank: someone else's failure arrives in the vote
+        t[2] += 1.0
         return t
 
     monkeypatch.setattr(engine, "all_reduce_sum", another_rank_failed)
@@ -124,9 +127,7 @@ def test_bad_data_on_one_rank_stops_every_rank_at_once(tmp_path, monkeypatch):
 
 
 def nan_advice(tmp_path, **flags):
-    with pytest.raises(engine.NonFiniteLossError) as exc:
-        engine._check_loss(torch.tensor(float("nan")), loop_context(tmp_path, [], **flags), epoch=0, step=3)
-    return str(exc.value)
+    return engine.nonfinite_advice(loop_context(tmp_path, [], **flags))
 
 
 def test_advice_after_a_non_finite_loss_fits_the_run(tmp_path):
@@ -154,11 +155,11 @@ def test_advice_inside_a_job_the_launcher_requeues_says_resubmit_not_rerun(tmp_p
 
 
 def test_a_non_finite_gradient_gives_the_same_advice(tmp_path):
-    layer = torch.nn.Linear(2, 1)
-    layer.weight.grad = torch.full_like(layer.weight, float("inf"))
-    with pytest.raises(engine.NonFiniteLossError, match="No checkpoint of this run was written yet: lower --blr"):
-        engine._optimizer_step(torch.optim.SGD(layer.parameters(), lr=0.1), list(layer.parameters()),
-                               loop_context(tmp_path, []), epoch=0, step=0)
+    monitor = engine.StepMonitor(loop_context(tmp_path, []), MetricLogger(), steps_per_epoch=4)
+    with pytest.raises(engine.NonFiniteLossError, match="non-finite gradient norm at epoch 0, step 1; the step was "
+                                                         "not applied. No checkpoint of this run was written yet: "
+                                                         "lower --blr"):
+        monitor._read(0, 1, 0.1, [], [1.0, 0.0, float("inf")])  # loss, non-finite losses, grad norm
 
 
 def test_workers_that_drop_stop_signals_still_end_with_the_main_process():
@@ -176,3 +177,60 @@ def test_workers_that_drop_stop_signals_still_end_with_the_main_process():
         "next(KEPT)\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=120).returncode == 0
+
+
+def linear_task(tmp_path, steps, nan_at=None, optimizer="adamw"):
+    """A linear model trained on `steps` batches of a 4-step epoch; the loss of step `nan_at` is NaN. Returns the model, the
+    optimizer and the events of the run: ("forward", step) and ("read", step) in the order they happened."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.1, fused=True) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=0.1))
+    events = []
+
+    def forward(m, b):
+        step = sum(1 for e in events if e[0] == "forward")
+        events.append(("forward", step))
+        loss = m(b[0]).pow(2).mean()
+        return (loss * float("nan") if step == nan_at else loss), {"twice": 2 * loss.detach()}
+
+    batches = [(torch.randn(2, 4, generator=torch.Generator().manual_seed(i)),) for i in range(steps)]
+    ctx = loop_context(tmp_path, [])
+    original_read = engine.StepMonitor._read
+
+    def read(self, epoch, step, *rest):
+        events.append(("read", step))
+        return original_read(self, epoch, step, *rest)
+
+    return model, opt, events, lambda: engine.train_one_epoch(model, forward, batches, opt, epoch=0, start_step=0,
+                                                               steps_per_epoch=4, ctx=ctx), read
+
+
+def test_each_step_is_read_on_the_host_one_step_late(tmp_path, monkeypatch):
+    """No micro-step waits for its own loss: step t's record is read after step t+1's forward and backward
+    (on a GPU the device has finished step t by then), the last one at the end of the epoch."""
+    _, _, events, train, read = linear_task(tmp_path, 4)
+    monkeypatch.setattr(engine.StepMonitor, "_read", read)
+    stats = train()
+    assert events == [("forward", 0), ("forward", 1), ("read", 0), ("forward", 2), ("read", 1), ("forward", 3),
+                      ("read", 2), ("read", 3)]
+    assert stats["twice"] == pytest.approx(2 * stats["loss"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch, optimizer):
+    """Fused AdamW skips the update on the device (the host learns of it a step later); an optimizer that cannot
+    skip is checked on the host before its update. Either way the weights and optimizer state are those after
+    the last good step, and the error names the bad step."""
+    good, good_opt, _, train_good, _ = linear_task(tmp_path, 2, optimizer=optimizer)
+    train_good()
+    bad, bad_opt, events, train_bad, read = linear_task(tmp_path, 4, nan_at=2, optimizer=optimizer)
+    monkeypatch.setattr(engine.StepMonitor, "_read", read)
+    with pytest.raises(engine.NonFiniteLossError, match="non-finite loss at epoch 0, step 2") as exc:
+        train_bad()
+    assert "No checkpoint of this run was written yet" in str(exc.value)  # engine.nonfinite_advice
+    assert events[-1] == ("read", 2)
+    assert_same_weights(good.state_dict(), bad.state_dict())
+    if optimizer == "adamw":
+        assert [s["step"].item() for s in bad_opt.state.values()] == [2.0, 2.0]
+        assert_same_weights(good_opt.state_dict()["state"][0], bad_opt.state_dict()["state"][0])

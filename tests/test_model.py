@@ -336,3 +336,17 @@ def test_pretraining_lowers_loss_on_fixed_batch(teacher, imgs):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("target_norm", ["ln", "bn"])
+def test_targets_from_the_visible_last_block_equal_the_full_computation(teacher, imgs, target_norm):
+    """The teacher's last block runs only at [CLS] + the visible patches; the targets are those of the full pass."""
+    model = create_maskalign("tiny", teacher=teacher, img_size=64, embed_dim=32, depth=2, num_heads=2, top_k=2,
+                             target_norm=target_norm)
+    ids_keep = torch.tensor([[3, 7, 1, 12]] * 4)
+    visible = teacher(imgs, model.target_levels, choose_visible=lambda a: ids_keep,
+                      visible_only=target_norm != "bn")
+    assert visible.visible_levels == ({2} if target_norm == "ln" else frozenset())
+    full = teacher(imgs, model.target_levels)
+    torch.testing.assert_close(model.targets(visible.levels, ids_keep, visible.visible_levels),
+                               model.targets(full.levels, ids_keep), rtol=1e-5, atol=1e-5)

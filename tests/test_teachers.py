@@ -140,7 +140,7 @@ def test_runs_only_the_blocks_it_needs():
     out = teacher(raw_images(), [0])
     assert calls == [1, 0, 0] and list(out.levels) == [0] and out.cls_attention is None
     teacher(raw_images(), [1], need_cls_attention=True)
-    assert calls == [2, 1, 1]
+    assert calls == [2, 1, 0]  # of the last block only its [CLS] attention row is computed
 
 
 def test_timm_without_cls_token_reports_it():
@@ -491,3 +491,64 @@ def test_bad_levels():
         teacher(raw_images(), [0, 3])
     with pytest.raises(ValueError, match="at least one level"):
         teacher(raw_images(), [])
+
+
+# ----------------------------------------------------------------------------- last block on visible tokens
+
+VISIBLE = torch.tensor([[5, 0, 11, 14, 2], [9, 3, 15, 7, 1]])  # a 4 x 4 grid, 5 patches kept
+
+
+def visible_teachers():
+    yield "timm", TimmTeacher(tiny_timm(img_size=64), grid_size=4)
+    yield "timm-qk_norm", TimmTeacher(tiny_timm(img_size=64, qk_norm=True), grid_size=4)
+    yield "timm-reg", TimmTeacher(tiny_timm(img_size=64, reg_tokens=2), grid_size=4)
+    yield "open_clip", OpenClipTeacher(tiny_clip().visual, grid_size=4)
+    yield "open_clip-qk_norm", OpenClipTeacher(tiny_clip(CLIP_QK).visual, grid_size=4)
+
+
+@pytest.mark.parametrize("kind", ["timm", "timm-qk_norm", "timm-reg", "open_clip", "open_clip-qk_norm"])
+def test_last_block_on_visible_tokens_equals_the_full_block(kind):
+    """Queries, attention output and MLP of the final block only for [CLS] + the chosen patches (keys and values
+    from every token): the same rows as the full block, and the [CLS] attention the choice was made from."""
+    teacher = dict(visible_teachers())[kind]
+    images = raw_images(64)
+    last = teacher.depth - 1
+    full = teacher(images, [0, last], need_cls_attention=True)
+    seen = []
+    part = teacher(images, [0, last], need_cls_attention=True, choose_visible=lambda a: seen.append(a) or VISIBLE)
+    assert part.visible_levels == {last} and part.ids_keep is VISIBLE
+    torch.testing.assert_close(seen[0], full.cls_attention, rtol=0, atol=0)
+    expected = torch.cat([full.levels[last][:, :1], torch.stack([full.levels[last][b, 1:][VISIBLE[b]]
+                                                                 for b in range(2)])], dim=1)
+    assert part.levels[last].shape == (2, 6, teacher.embed_dim)
+    torch.testing.assert_close(part.levels[last], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part.levels[0], full.levels[0], rtol=0, atol=0)
+
+
+def test_every_patch_visible_or_visible_only_off_runs_the_full_block():
+    teacher = TimmTeacher(tiny_timm(img_size=64), grid_size=4)
+    images = raw_images(64)
+    all_patches = torch.arange(16).expand(2, -1)
+    for out in (teacher(images, [2], choose_visible=lambda a: all_patches),
+                teacher(images, [2], choose_visible=lambda a: VISIBLE, visible_only=False)):
+        assert out.visible_levels == frozenset() and out.levels[2].shape == (2, 17, 48)
+
+
+@pytest.mark.parametrize("make", [lambda: TimmTeacher(tiny_timm(), grid_size=2),
+                                  lambda: OpenClipTeacher(tiny_clip().visual, grid_size=2)], ids=["timm", "open_clip"])
+def test_weights_kept_in_bf16_compute_what_autocast_computes(make, monkeypatch):
+    """The frozen weights cast once (set_compute_dtype) give the numbers an autocast of float32 weights gives.
+    (nn.MultiheadAttention's CPU inference fast path, which CUDA autocast never takes, would pick another kernel
+    once the weights match the input's dtype; it is switched off here.)"""
+    monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: False)
+    images = raw_images()
+    reference = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(images, [1, 2] if reference.depth > 2 else [1], need_cls_attention=True)
+    kept = make().set_compute_dtype(torch.bfloat16)
+    linear_dtypes = {m.weight.dtype for m in kept.modules() if isinstance(m, nn.Linear)}
+    assert linear_dtypes == {torch.bfloat16}
+    got = kept(images, list(expected.levels), need_cls_attention=True)  # no outer autocast needed
+    for level, value in expected.levels.items():
+        torch.testing.assert_close(got.levels[level], value, rtol=0, atol=0)
+    torch.testing.assert_close(got.cls_attention, expected.cls_attention, rtol=0, atol=0)

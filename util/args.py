@@ -164,6 +164,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epoch
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu (default: cuda where available, else cpu)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (pre-training: student, alignment and teacher); same numbers as "
+                        "eager, the first steps are slower while it compiles")
     g.add_argument("--dist_timeout_min", type=int, default=30, help="collective timeout before ranks give up")
     # torch.distributed.launch (and older MAE scripts) pass this; torchrun's LOCAL_RANK is what we read
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

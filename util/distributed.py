@@ -51,11 +51,20 @@ def init_distributed(device: str, env: DistEnv | None = None, timeout_min: int =
     return env
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """In place across ranks; a no-op in a single process."""
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """In place across ranks (of `group`, default: all); a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
     return t
+
+
+def cpu_group(timeout_min: int = 30):
+    """A gloo group of every process, for collectives of host-side values: the default group's NCCL
+    collectives run on the device stream, so reading their result would wait for the GPU. None (the
+    default group) when that is gloo already or in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_min))
 
 
 def barrier() -> None:
