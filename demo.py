@@ -105,8 +105,8 @@ def linprobe_argv(ckpt: str, out: str, data: str, epochs: int, seed: int) -> lis
     return ["--linprobe", "--finetune", ckpt, "--model", "vit_tiny_patch16_224",
             "--model_kwargs", *kwargs_argv(STUDENT_ARCH), "--nb_classes", "10", "--input_size", str(IMAGE_SIZE),
             "--data_path", data, "--output_dir", out, "--epochs", str(epochs), "--warmup_epochs", "2",
-            "--batch_size", str(fitting_batch(128, data)), "--num_workers", "0", "--device", "cpu", "--save_freq", "1000",
-            "--print_freq", "1000", "--seed", str(seed)]
+            "--batch_size", str(fitting_batch(128, data)), "--num_workers", "0", "--device", "cpu",
+            "--save_freq", "1000", "--print_freq", "1000", "--seed", str(seed)]
 
 
 def evaluate_student(method: str, run_dir: str, ckpt: str, data: str, args: argparse.Namespace) -> dict:

@@ -69,7 +69,7 @@ def load_images(files: Sequence[str], size: int) -> tuple[torch.Tensor, np.ndarr
         pixels.append(np.asarray(img.crop((left, top, left + size, top + size))))
     raw = np.stack(pixels)
     x = torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 255.0
-    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     return (x - mean) / std, raw
 
 

@@ -1,16 +1,15 @@
 """Teacher weights from Hugging Face `transformers` files: CLIPVisionModel / CLIPModel and ViTModel (DINO),
 .safetensors and .bin. Tiny random models made with transformers itself; our teacher's levels and [CLS]
 attention must equal the transformers model's hidden states and attention on the same input."""
-import json
 import logging
 
-import open_clip
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 
 from maskalign.teachers import build_teacher
+from tiny import register_open_clip_config
 
 CLIP_NAME = "maskalign-test-hf-clip"  # patch 16, width 64, 4 heads, 3 layers, 32 px: what tiny_hf_clip builds
 VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -22,11 +21,8 @@ TIMM_VIT = dict(depth=3, embed_dim=48, num_heads=3, img_size=32)
 
 @pytest.fixture(scope="module", autouse=True)
 def open_clip_config(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf_open_clip_config")
-    text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
-    vision = dict(image_size=32, patch_size=16, width=64, head_width=16, layers=3)
-    (folder / f"{CLIP_NAME}.json").write_text(json.dumps(dict(embed_dim=32, vision_cfg=vision, text_cfg=text)))
-    open_clip.add_model_config(folder)
+    register_open_clip_config(tmp_path_factory.mktemp("hf_open_clip_config"), CLIP_NAME, embed_dim=32, image_size=32,
+                              patch_size=16, width=64, head_width=16, layers=3)
 
 
 def images():

@@ -1,6 +1,5 @@
 """visualize.py: the pictures' files and content, with a CLIP teacher from a local file and with a pre-training
 checkpoint; the tensorboard pictures of main_pretrain."""
-import json
 import os
 
 import numpy as np
@@ -11,7 +10,7 @@ from PIL import Image
 
 import main_pretrain
 import visualize
-from tiny import pretrain_argv
+from tiny import pretrain_argv, register_open_clip_config
 
 CLIP = "maskalign-test-vis-clip"  # patch 16, 64 px: a 4x4 grid
 
@@ -20,10 +19,7 @@ CLIP = "maskalign-test-vis-clip"  # patch 16, 64 px: a 4x4 grid
 def clip_file(tmp_path_factory):
     """A random open_clip CLIP saved to a file: the teacher's real loading path, nothing downloaded."""
     folder = tmp_path_factory.mktemp("vis_clip")
-    vision = dict(image_size=64, patch_size=16, width=32, head_width=16, layers=2)
-    text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
-    (folder / f"{CLIP}.json").write_text(json.dumps(dict(embed_dim=16, vision_cfg=vision, text_cfg=text)))
-    open_clip.add_model_config(folder)
+    register_open_clip_config(folder, CLIP, image_size=64, patch_size=16, width=32, head_width=16, layers=2)
     torch.manual_seed(0)
     path = folder / "clip.pt"
     torch.save(open_clip.create_model(CLIP).state_dict(), path)

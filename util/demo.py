@@ -4,8 +4,9 @@ Images: scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits
 images of the digits 0-9, read from a file inside the installed package). They are upsampled to 32x32 RGB
 and split once, stratified, into an ImageFolder with train/ (80%) and val/ (20%, held out from everything).
 
-Teacher: a small ViT trained *with labels* on the train split by `main_finetune.py` (from scratch, [CLS]
-classifier, so its [CLS] attention means something), saved as a plain state dict. It plays the role CLIP
+Teacher: a small ViT trained *with labels* on the train split, from scratch, with main_finetune.py's model,
+optimizer and loss on the shared engine (digit-sized crops instead of ImageNet's; a [CLS] classifier, so its
+[CLS] attention means something), saved as a plain state dict. It plays the role CLIP
 plays in the paper: a frozen network that knows something the student must learn from unlabelled images.
 The students never see a label until the linear probe.
 """
@@ -18,7 +19,6 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image
-
 from torchvision import transforms
 
 from engine import Task, evaluate, fit, setup
@@ -42,16 +42,18 @@ TEACHER_EPOCHS = 30
 # main_pretrain.py --demo: the demo's pre-training settings (other flags still win).
 DEMO_DEFAULTS = dict(
     model="maskalign_vit_tiny_patch16", model_kwargs=STUDENT_ARCH, teacher=TEACHER_SPEC,
-    teacher_kwargs={**TEACHER_ARCH, "img_size": IMAGE_SIZE}, input_size=IMAGE_SIZE, batch_size=64, epochs=20, warmup_epochs=2, blr=4e-3,
-    top_k=3, drop_path=0.0, num_workers=0, save_freq=1000, print_freq=1000, device="cpu",
+    teacher_kwargs={**TEACHER_ARCH, "img_size": IMAGE_SIZE}, input_size=IMAGE_SIZE, batch_size=64, epochs=20,
+    warmup_epochs=2, blr=4e-3, top_k=3, drop_path=0.0, num_workers=0, save_freq=1000, print_freq=1000, device="cpu",
 )
 
 
 def kwargs_argv(kwargs: dict) -> list[str]:
+    """{k: v} -> ["k=v", ...] for --model_kwargs / --teacher_kwargs."""
     return [f"{k}={v}" for k, v in kwargs.items()]
 
 
 def count_images(data: str, split: str) -> int:
+    """Files under data/split (the demo's ImageFolder holds only images)."""
     return sum(len(files) for _, _, files in os.walk(os.path.join(data, split)))
 
 
@@ -120,9 +122,9 @@ def train_demo_teacher(data_path: str, output_dir: str, epochs: int = TEACHER_EP
     def end_of_epoch(epoch: int, writer) -> dict:
         return {f"test_{k}": v for k, v in evaluate(model, val, device, args).items()}
 
-    fit(args, env, device, Task(model=model, forward_fn=main_finetune.make_forward(None, main_finetune.build_criterion(args)),
-                                dataset=PerSampleSeeded(train, args.seed), optimizer=main_finetune.build_optimizer(args, model),
-                                end_of_epoch=end_of_epoch))
+    forward = main_finetune.make_forward(None, main_finetune.build_criterion(args))
+    fit(args, env, device, Task(model=model, forward_fn=forward, dataset=PerSampleSeeded(train, args.seed),
+                                optimizer=main_finetune.build_optimizer(args, model), end_of_epoch=end_of_epoch))
 
 
 def prepare_demo_teacher(path: str, data_path: str, epochs: Optional[int] = None) -> str:
