@@ -186,7 +186,7 @@ def build_report(results: dict, data: str, args: argparse.Namespace, teacher_dir
         "methods": {m: {"linear_probe_top1": results[m]["linear_probe_top1"], "knn_top1": results[m]["knn_top1"],
                         "pretrain_seconds": results[m]["pretrain_seconds"], "epochs": results[m]["epochs"],
                         "mask_ratio": results[m]["mask_ratio"]} for m in METHODS},
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
         "total_seconds": round(total, 1),
     }
