@@ -159,7 +159,7 @@ def alignment_figure(weight: torch.Tensor, target_levels: Sequence[int]):
     plt = _pyplot()
     w = weight.detach().float().cpu().numpy()
     students, teachers = w.shape
-    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * teachers, 1.0 + 0.5 * students))
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.4 + 0.62 * teachers), max(3.0, 1.4 + 0.5 * students)))
     shown = ax.imshow(w, cmap="Blues", aspect="auto")
     fig.colorbar(shown, ax=ax, fraction=0.05)
     scale = np.abs(w).max() or 1.0
@@ -174,7 +174,7 @@ def alignment_figure(weight: torch.Tensor, target_levels: Sequence[int]):
         ax.add_patch(plt.Rectangle((j - 0.5, -0.5), 1, students, fill=False, edgecolor="red", linewidth=1.5))
     ax.set_xlabel("teacher block (* = target level, red frame)")
     ax.set_ylabel("student block")
-    ax.set_title("Dynamic Alignment matrix W (w_ij: student block i -> teacher level j)", fontsize=9)
+    ax.set_title("Dynamic Alignment matrix W\n(w_ij: student block i -> teacher level j)", fontsize=9)
     fig.tight_layout()
     return fig
 
