@@ -37,7 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="the demo's pre-training (CPU, scikit-learn's digits, a small teacher trained on "
                              "them first); other flags override it. `make demo` runs the whole comparison")
     parser.add_argument("--vis_freq", type=int, default=5,
-                        help="tensorboard gets the masks and the teacher's attention every N epochs (0: never)")
+                        help="tensorboard gets the DA heatmap, the masks and the teacher's attention every N "
+                             "epochs and at the last (0: never)")
     cli.add_training_args(parser, batch_size=128, epochs=200, blr=1.5e-4, drop_path=0.1, weight_decay=0.05,
                           warmup_epochs=None)
     cli.add_maskalign_args(parser)
@@ -82,27 +83,27 @@ def prepare_demo_inputs(args: argparse.Namespace, env: DistEnv) -> None:
 
 
 def tensorboard_pictures(model: models_maskalign.MaskAlignViT, dataset, args: argparse.Namespace):
-    """end_of_epoch hook: a readable DA heatmap every epoch; the masks and the teacher's attention on a few
-    fixed training images every --vis_freq epochs (visualize.py draws both)."""
+    """end_of_epoch hook: every --vis_freq epochs (and at the last), a readable DA heatmap and the masks and
+    teacher's attention on a few fixed training images (visualize.py draws both; matplotlib takes ~1 s)."""
     import visualize
     step = max(1, len(dataset.samples) // 4)
     files = [path for path, _ in dataset.samples[::step][:4]]
 
     def write(epoch: int, writer: TensorboardWriter) -> None:
-        if writer.writer is None:
+        due = args.vis_freq and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs)
+        if writer.writer is None or not due:
             return
         was_training = model.training
         if model.dynamic_align.weight is not None:
             figure = visualize.alignment_figure(model.dynamic_align.weight, model.target_levels)
             writer.image("dynamic_alignment_matrix", visualize.figure_to_chw(figure), (epoch + 1) * 1000)
-        if args.vis_freq and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
-            images, pixels = visualize.load_images(files, args.input_size)
-            images = images.to(next(model.parameters()).device)
-            attention = visualize.teacher_attention(model.teacher, images)
-            attentive, random = visualize.sample_masks(attention.cpu(), args.mask_ratio or 0.7, args.seed)
-            similarity = visualize.visible_similarity(model, images, attentive.to(images.device))
-            figure = visualize.overview_figure(pixels, attention.cpu(), attentive, random, similarity, args.mask_ratio)
-            writer.image("masks_and_attention", visualize.figure_to_chw(figure), (epoch + 1) * 1000)
+        images, pixels = visualize.load_images(files, args.input_size)
+        images = images.to(next(model.parameters()).device)
+        attention = visualize.teacher_attention(model.teacher, images).cpu()
+        attentive, random = visualize.sample_masks(attention, args.mask_ratio or 0.7, args.seed)
+        similarity = visualize.visible_similarity(model, images, attentive.to(images.device))
+        figure = visualize.overview_figure(pixels, attention, attentive, random, similarity, args.mask_ratio or 0.7)
+        writer.image("masks_and_attention", visualize.figure_to_chw(figure), (epoch + 1) * 1000)
         model.train(was_training)
     return write
 
