@@ -38,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the --demo preset's)")
     parser.add_argument("--teacher_epochs", type=int, default=None, help="default: util/demo.py TEACHER_EPOCHS")
-    parser.add_argument("--probe_epochs", type=int, default=20, help="linear-probe epochs")
+    parser.add_argument("--probe_epochs", type=int, default=15, help="linear-probe epochs")
     parser.add_argument("--per_class", type=int, default=None,
                         help="use at most this many images per class and split (quick checks; default: all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -101,12 +101,14 @@ def pretrain(method: str, run_dir: str, data: str, teacher: str, args: argparse.
 
 
 def linprobe_argv(ckpt: str, out: str, data: str, epochs: int, seed: int) -> list[str]:
+    """main_finetune.py --linprobe (frozen backbone, BatchNorm + linear head, MAE's crop + flip) with SGD: MAE's
+    LARS needs thousands of steps to grow the head from its 0.01 init, and 1437 images give a few hundred."""
     from util.demo import IMAGE_SIZE, STUDENT_ARCH, fitting_batch, kwargs_argv
     return ["--linprobe", "--finetune", ckpt, "--model", "vit_tiny_patch16_224",
             "--model_kwargs", *kwargs_argv(STUDENT_ARCH), "--nb_classes", "10", "--input_size", str(IMAGE_SIZE),
-            "--data_path", data, "--output_dir", out, "--epochs", str(epochs), "--warmup_epochs", "2",
-            "--batch_size", str(fitting_batch(128, data)), "--num_workers", "0", "--device", "cpu",
-            "--save_freq", "1000", "--print_freq", "1000", "--seed", str(seed)]
+            "--data_path", data, "--output_dir", out, "--epochs", str(epochs), "--warmup_epochs", "1",
+            "--opt", "sgd", "--blr", "1.0", "--batch_size", str(fitting_batch(64, data)), "--num_workers", "0",
+            "--device", "cpu", "--save_freq", "1000", "--print_freq", "1000", "--seed", str(seed)]
 
 
 def evaluate_student(method: str, run_dir: str, ckpt: str, data: str, args: argparse.Namespace) -> dict:

@@ -86,12 +86,12 @@ def tensorboard_pictures(model: models_maskalign.MaskAlignViT, dataset, args: ar
     """end_of_epoch hook: every --vis_freq epochs (and at the last), a readable DA heatmap and the masks and
     teacher's attention on a few fixed training images (visualize.py draws both; matplotlib takes ~1 s)."""
     import visualize
-    step = max(1, len(dataset.samples) // 4)
-    files = [path for path, _ in dataset.samples[::step][:4]]
+    step = max(1, len(dataset.samples) // 16)
+    files = visualize.readable_images([path for path, _ in dataset.samples[::step]], 4)
 
     def write(epoch: int, writer: TensorboardWriter) -> None:
         due = args.vis_freq and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs)
-        if writer.writer is None or not due:
+        if writer.writer is None or not due or not files:
             return
         was_training = model.training
         if model.dynamic_align.weight is not None:

@@ -56,6 +56,21 @@ def image_files(paths: Sequence[str], limit: int) -> list[str]:
     return files[:limit]
 
 
+def readable_images(files: Sequence[str], limit: int) -> list[str]:
+    """The first `limit` files that decode (training data may hold broken files; a picture must not fail)."""
+    chosen = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.convert("RGB")
+        except Exception:  # any decoder error: this file is not drawn
+            continue
+        chosen.append(path)
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
 def load_images(files: Sequence[str], size: int) -> tuple[torch.Tensor, np.ndarray]:
     """(B x 3 x size x size ImageNet-normalised tensor, B x size x size x 3 uint8 pixels): the shorter
     side resized to `size`, then the centre crop."""
