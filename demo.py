@@ -167,11 +167,13 @@ def report_markdown(report: dict) -> str:
         "| --- | --- | --- | --- |",
         *rows,
         "",
-        f"{report['machine']}; total {report['total_seconds']:.0f} s.",
+        f"{report['machine']}; {report['total_seconds']:.0f} s"
+        + (" in the last invocation (it reused stages an earlier one finished)." if report["continued"] else "."),
     ]) + "\n"
 
 
-def build_report(results: dict, data: str, args: argparse.Namespace, teacher_dir: str, total: float) -> dict:
+def build_report(results: dict, data: str, args: argparse.Namespace, teacher_dir: str, total: float,
+                 continued: bool) -> dict:
     from util.demo import DEMO_DATASET, DEMO_DEFAULTS, TEACHER_ARCH, count_images, last_test_accuracy
     epochs = args.epochs or DEMO_DEFAULTS["epochs"]
     count = {s: count_images(data, s) for s in ("train", "val")}
@@ -191,6 +193,7 @@ def build_report(results: dict, data: str, args: argparse.Namespace, teacher_dir
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
                    f"torch {torch.__version__}",
         "total_seconds": round(total, 1),
+        "continued": continued,
     }
 
 
@@ -211,6 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print_finished(out)
         return 0
     start = time.time()
+    continued = os.path.exists(os.path.join(out, "data"))
     data = prepare_demo_data(os.path.join(out, "data"), args.seed, args.per_class)
     teacher = prepare_demo_teacher(os.path.join(out, "teacher.pth"), data, args.teacher_epochs)
     results = {}
@@ -219,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results[method] = pretrain(method, run_dir, data, teacher, args)
         results[method].update(evaluate_student(method, run_dir, results[method]["checkpoint"], data, args))
     pictures(os.path.join(out, "maskalign"), results["maskalign"]["checkpoint"], data, os.path.join(out, "pictures"))
-    report = build_report(results, data, args, os.path.join(out, "teacher"), time.time() - start)
+    report = build_report(results, data, args, os.path.join(out, "teacher"), time.time() - start, continued)
     _write_json(report, os.path.join(out, "report.json"))
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report_markdown(report))
