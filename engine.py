@@ -257,12 +257,19 @@ def setup(args) -> tuple[DistEnv, torch.device]:
     env = init_distributed(args.device, timeout_min=args.dist_timeout_min)
     setup_logging(env.is_main)
     device = torch.device(args.device, env.local_rank) if args.device == "cuda" else torch.device(args.device)
+    configure_backends(device)
     if env.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
     return env, device
+
+
+def configure_backends(device: torch.device) -> None:
+    """As MAE: let cuDNN pick the fastest kernels for the fixed input shapes (the patch-embedding conv)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 @dataclass

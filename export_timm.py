@@ -11,20 +11,24 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from util.args import ParseKwargs
+from util.args import ParseKwargs, new_parser
 from util.checkpoint import CheckpointError
 from util.pretrained import export_timm
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser("Export a MaskAlign student as timm weights")
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = new_parser("Export a MaskAlign student as timm weights")
     parser.add_argument("checkpoint", help="pre-training checkpoint (.pth) or state dict (.safetensors)")
     parser.add_argument("output_dir")
     parser.add_argument("--model", default=None,
                         help="timm model name (default: from the checkpoint's args, else from its width/depth)")
     parser.add_argument("--model_kwargs", nargs="*", action=ParseKwargs, default={}, metavar="KEY=VALUE",
                         help="extra timm.create_model arguments for a non-standard student, e.g. depth=6")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         paths = export_timm(args.checkpoint, args.output_dir, args.model, **args.model_kwargs)

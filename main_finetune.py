@@ -5,10 +5,12 @@
     torchrun --nproc_per_node=8 main_finetune.py --linprobe --finetune out/ma_b16/checkpoint-199.pth ...
     python main_finetune.py --eval --resume out/ft_b16/checkpoint-best.pth --data_path /imagenet
 
-Fine-tuning follows MAE's recipe with the paper's numbers (docs/method.md): 100 epochs, 5 warm-up, blr 3e-4,
-layer decay 0.6, drop path 0.2, RandAugment, mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing
-0.25, global average pooling. `--linprobe` freezes the backbone and trains BatchNorm (no affine) + a linear
-head with LARS, as MAE does.
+Fine-tuning follows MAE's main_finetune.py with the paper's numbers (recipe finetune_b16_paper): 100 epochs,
+5 warm-up, blr 3e-4, layer decay 0.6, drop path 0.2, min_lr 1e-6, RandAugment, mixup 0.8 / cutmix 1.0,
+label smoothing 0.1, random erasing 0.25, global average pooling; evaluation resizes to input/0.875 up to
+224 px and to the input size above. `--linprobe` follows MAE's main_linprobe.py (recipe linprobe_mae):
+frozen backbone, BatchNorm (no affine) + linear head on [CLS], LARS, blr 0.1, effective batch 16384 (512 x
+accum_iter 4 on 8 GPUs), MAE's single-draw crop + flip. util/recipes.py has the release's variants.
 """
 import argparse
 import json
@@ -28,36 +30,43 @@ from torch.utils.data import DataLoader
 from engine import Task, evaluate, fit, run_main, setup
 from util import args as cli
 from util import checkpoint
-from util.data import build_dataset, build_finetune_transform, build_pretrain_transform
+from util.data import build_dataset, build_finetune_transform, build_linprobe_transform
 from util.distributed import DistEnv
 from util.metrics import TensorboardWriter
 from util.optim import LARS, param_groups_layer_decay
 from util.pretrained import load_into, read_backbone
+from util.recipes import LINPROBE_EFFECTIVE_BATCH, MAE_LINPROBE, recipes_for
 from util.sampler import PerSampleSeeded
 
 logger = logging.getLogger("maskalign")
 
-# MAE's linear-probing recipe (main_linprobe.py): large batch, LARS, no augmentation beyond crop + flip.
-LINPROBE_DEFAULTS = dict(batch_size=512, epochs=90, blr=0.1, weight_decay=0.0, warmup_epochs=10,
-                         global_pool=False, drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, opt="lars")
+RECIPES = recipes_for("finetune", "linprobe")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MaskAlign fine-tuning / linear probing",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.new_parser("MaskAlign fine-tuning / linear probing")
+    cli.add_recipe_arg(parser, RECIPES)
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16_224", help="timm ViT to fine-tune")
     g.add_argument("--model_kwargs", nargs="*", action=cli.ParseKwargs, default={}, metavar="KEY=VALUE",
                    help="extra timm.create_model arguments, e.g. depth=6")
     g.add_argument("--finetune", default="", help="pre-trained checkpoint: ours, MAE's, the reference "
                                                   "MaskAlign code's, a timm state dict or .safetensors")
+    g.add_argument("--pos_embed_antialias", action="store_true",
+                   help="resize a pre-trained position embedding with timm's antialiased bicubic instead of "
+                        "MAE's plain bicubic (F.interpolate)")
     g.add_argument("--nb_classes", type=int, default=1000)
     g.add_argument("--global_pool", action="store_true", default=True, help="average-pool the patch tokens")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify from [CLS] instead")
     g.add_argument("--linprobe", action="store_true", help="linear probing: frozen backbone, BN + linear head")
-    g.add_argument("--opt", choices=("adamw", "lars", "sgd"), default="adamw")
+    g.add_argument("--linprobe_crop", choices=("mae", "torchvision"), default="mae",
+                   help="--linprobe's random resized crop: MAE's single-draw TF-style crop, or torchvision's")
+    g.add_argument("--opt", choices=("adamw", "lars", "sgd"), default="adamw",
+                   help="fine-tuning: any, with layer decay and weight-decay groups; --linprobe: lars or sgd")
     g.add_argument("--layer_decay", type=float, default=0.6, help="layer-wise lr decay (fine-tuning)")
-    g.add_argument("--model_ema", action="store_true", help="keep an EMA of the weights, evaluated alongside")
+    g.add_argument("--model_ema", action="store_true",
+                   help="keep an EMA of the weights: evaluated every epoch, saved as `model_ema`, and "
+                        "checkpoint-best.pth holds whichever of model / EMA scored the best top-1")
     g.add_argument("--model_ema_decay", type=float, default=0.9999)
 
     g = parser.add_argument_group("augmentation and regularisation (MAE's fine-tuning recipe)")
@@ -76,17 +85,27 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only evaluate (--resume or --finetune weights)")
+    g.add_argument("--eval_ema", action="store_true", help="with --eval --resume: evaluate the checkpoint's "
+                                                           "`model_ema` weights instead of `model`")
     g.add_argument("--dist_eval", action="store_true", help="shard the validation set across processes")
     g.add_argument("--val_file_list", default=None, help="file list for validation ('path label' lines)")
 
     cli.add_training_args(parser, batch_size=128, epochs=100, blr=3e-4, drop_path=0.2, weight_decay=0.05,
                           warmup_epochs=5)
+    parser.set_defaults(min_lr=1e-6)  # MAE's fine-tuning default
     return parser
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = get_args_parser()
-    args = cli.parse(parser, argv, presets={"--linprobe": LINPROBE_DEFAULTS})
+    args = cli.parse(parser, argv, presets={"--linprobe": MAE_LINPROBE}, recipes=RECIPES)
+    if args.recipe and args.linprobe != (RECIPES[args.recipe].task == "linprobe"):
+        parser.error(f"--recipe {args.recipe} is a {RECIPES[args.recipe].task} recipe; "
+                     f"{'drop' if args.linprobe else 'add'} --linprobe")
+    if args.linprobe and args.opt == "adamw":
+        parser.error("--linprobe trains with LARS (MAE's protocol) or SGD: use --opt lars or --opt sgd")
+    if args.eval_ema and not (args.eval and args.resume):
+        parser.error("--eval_ema evaluates the `model_ema` of a checkpoint: use it with --eval --resume FILE")
     if mixup_active(args) and args.batch_size % 2:
         parser.error("mixup/cutmix need an even --batch_size")
     if args.model not in timm.list_models() and args.model not in timm.list_models(pretrained=True):
@@ -103,7 +122,8 @@ def build_model(args) -> nn.Module:
                               drop_path_rate=args.drop_path, global_pool="avg" if args.global_pool else "token",
                               **args.model_kwargs)
     if args.finetune:
-        load_into(model, read_backbone(args.finetune), expected_name=args.model)
+        load_into(model, read_backbone(args.finetune), expected_name=args.model,
+                  antialias_pos_embed=args.pos_embed_antialias)
     nn.init.trunc_normal_(model.head.weight, std=0.01 if args.linprobe else 2e-5)
     nn.init.zeros_(model.head.bias)
     if args.linprobe:  # MAE: BatchNorm without affine in front of the linear head, nothing else trains
@@ -114,12 +134,17 @@ def build_model(args) -> nn.Module:
 
 
 def build_optimizer(args, model: nn.Module) -> torch.optim.Optimizer:
-    if args.linprobe or args.opt != "adamw":
+    """Linear probing: MAE's LARS (or SGD) over the head. Fine-tuning: any optimizer over the layer-decay and
+    no-weight-decay groups (the lr is set every step by the schedule, times each group's `lr_scale`)."""
+    if args.linprobe:
         params = [p for p in model.parameters() if p.requires_grad]
-        if args.opt == "lars":
-            return LARS(params, lr=args.blr, weight_decay=args.weight_decay)
+    else:
+        params = param_groups_layer_decay(model, args.weight_decay, args.layer_decay)
+    if args.opt == "lars":
+        return LARS(params, lr=args.blr, weight_decay=args.weight_decay)
+    if args.opt == "sgd":
         return torch.optim.SGD(params, lr=args.blr, momentum=0.9, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(param_groups_layer_decay(model, args.weight_decay, args.layer_decay), lr=args.blr)
+    return torch.optim.AdamW(params, lr=args.blr)
 
 
 def build_criterion(args) -> nn.Module:
@@ -130,7 +155,7 @@ def build_criterion(args) -> nn.Module:
 
 def build_datasets(args):
     if args.linprobe:
-        train_transform = build_pretrain_transform(args.input_size, scale=(0.08, 1.0))  # MAE: crop + flip only
+        train_transform = build_linprobe_transform(args.input_size, args.linprobe_crop)  # MAE: crop + flip only
     else:
         train_transform = build_finetune_transform(True, args.input_size, args.color_jitter, args.aa or None,
                                                    args.reprob, args.remode, args.recount)
@@ -167,12 +192,13 @@ def main(args: argparse.Namespace) -> None:
     val = val_loader(args, env, val_set)
     if args.eval:
         if args.resume:
-            model.load_state_dict(checkpoint.load(args.resume)["model"])
+            model.load_state_dict(eval_weights(args.resume, "model_ema" if args.eval_ema else "model"))
         stats = evaluate(model, val, device, args, distributed=args.dist_eval and env.enabled)
         logger.info("accuracy of the network on %d test images: top-1 %.2f%%, top-5 %.2f%%",
                     len(val_set), stats["acc1"], stats["acc5"])
         return
 
+    warn_if_not_protocol_batch(args, env)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     best = {"max_accuracy": 0.0}
     mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
@@ -185,11 +211,14 @@ def main(args: argparse.Namespace) -> None:
         if ema is not None:
             record.update({f"test_ema_{k}": v for k, v in
                            evaluate(ema.module, val, device, args, args.dist_eval and env.enabled).items()})
-        if stats["acc1"] > best["max_accuracy"]:
-            best["max_accuracy"] = stats["acc1"]
+        # The better of model and EMA this epoch (the model on a tie) competes for checkpoint-best.pth.
+        source = "model_ema" if ema is not None and record["test_ema_acc1"] > stats["acc1"] else "model"
+        acc1 = record["test_ema_acc1"] if source == "model_ema" else stats["acc1"]
+        if acc1 > best["max_accuracy"]:
+            best["max_accuracy"] = acc1
             if env.is_main:
-                checkpoint.save_atomic({"model": model.state_dict(), "epoch": epoch, "acc1": stats["acc1"],
-                                        "args": dict(vars(args))}, os.path.join(args.output_dir, "checkpoint-best.pth"))
+                checkpoint.save_atomic(best_checkpoint(model, ema, source, acc1, epoch, record, args),
+                                       os.path.join(args.output_dir, "checkpoint-best.pth"))
         writer.scalars({f"test/{k[5:]}": v for k, v in record.items()}, (epoch + 1) * 1000)
         logger.info("epoch %d: top-1 %.2f%% (best %.2f%%)%s", epoch, stats["acc1"], best["max_accuracy"],
                     f", EMA top-1 {record['test_ema_acc1']:.2f}%" if ema is not None else "")
@@ -208,6 +237,36 @@ def main(args: argparse.Namespace) -> None:
                 end_of_epoch=end_of_epoch, after_optimizer_step=(lambda: ema.update(model)) if ema else None,
                 extra_state=extra_state, load_extra_state=load_extra_state)
     fit(args, env, device, task)
+
+
+def best_checkpoint(model: nn.Module, ema: Optional[ModelEmaV3], source: str, acc1: float, epoch: int,
+                    record: dict, args) -> dict:
+    """checkpoint-best.pth: `model` holds the weights that scored the best top-1 (the EMA's when `best_source`
+    is "model_ema"), so --eval, --finetune and MAE-style loaders all get them; `model_ema` holds the EMA."""
+    best_weights = ema.module if source == "model_ema" else model
+    state = {"model": best_weights.state_dict(), "best_source": source, "acc1": acc1, "epoch": epoch,
+             "test_acc1": record["test_acc1"], "args": dict(vars(args))}
+    if ema is not None:
+        state.update(model_ema=ema.module.state_dict(), test_ema_acc1=record["test_ema_acc1"])
+    return state
+
+
+def eval_weights(path: str, key: str) -> dict:
+    """The `model` or `model_ema` weights of a checkpoint, for --eval."""
+    ckpt = checkpoint.load(path)
+    if key not in ckpt:
+        raise checkpoint.CheckpointError(f"{path} has no `{key}` weights (it holds {', '.join(sorted(ckpt))}); "
+                                         f"EMA weights are saved by runs with --model_ema")
+    return ckpt[key]
+
+
+def warn_if_not_protocol_batch(args, env: DistEnv) -> None:
+    """Linear probing's lr and BatchNorm depend on the effective batch; the published protocols use 16384."""
+    eff_batch = args.batch_size * args.accum_iter * env.world_size
+    if args.linprobe and eff_batch != LINPROBE_EFFECTIVE_BATCH:
+        logger.warning("linear probing at an effective batch of %d (--batch_size %d x --accum_iter %d x %d GPUs); "
+                       "MAE's and the release's protocols use %d: set --accum_iter to match",
+                       eff_batch, args.batch_size, args.accum_iter, env.world_size, LINPROBE_EFFECTIVE_BATCH)
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:

@@ -22,13 +22,16 @@ from util.demo import DEMO_DEFAULTS, prepare_demo
 from util.distributed import DistEnv, barrier
 from util.metrics import TensorboardWriter
 from util.optim import param_groups_weight_decay
+from util.recipes import recipes_for
 from util.sampler import PerSampleSeeded
 
 logger = logging.getLogger("maskalign")
+RECIPES = recipes_for("pretrain")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MaskAlign pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.new_parser("MaskAlign pre-training")
+    cli.add_recipe_arg(parser, RECIPES)
     parser.add_argument("--model", default="maskalign_vit_base_patch16", choices=timm.list_models("maskalign*"),
                         help="student architecture")
     parser.add_argument("--model_kwargs", nargs="*", action=cli.ParseKwargs, default={}, metavar="KEY=VALUE",
@@ -46,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return cli.parse(get_args_parser(), argv, presets={"--demo": DEMO_DEFAULTS})
+    return cli.parse(get_args_parser(), argv, presets={"--demo": DEMO_DEFAULTS}, recipes=RECIPES)
 
 
 def build_model(args: argparse.Namespace) -> models_maskalign.MaskAlignViT:

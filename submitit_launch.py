@@ -43,6 +43,7 @@ from unittest import mock
 import submitit
 import yaml
 
+from util.args import new_parser
 from util.slurm import REPO, TASKS, TrainingJob, entry_point, expand_job_tags
 
 SWEEP_NAME_MAX = 200  # characters; file systems allow 255 bytes per path component
@@ -63,10 +64,9 @@ class JobSpec:
 
 # ------------------------------------------------------------------------------------------ command line
 def get_args_parser() -> argparse.ArgumentParser:
-    # allow_abbrev=False: a training flag must never be taken for an abbreviated launcher flag
-    parser = argparse.ArgumentParser("MaskAlign submitit launcher", allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     epilog="Other flags go to the task's entry point (see its --help).")
+    # no abbreviations (new_parser): a training flag must never be taken for an abbreviated launcher flag
+    parser = new_parser("MaskAlign submitit launcher")
+    parser.epilog = "Other flags go to the task's entry point (see its --help)."
     parser.add_argument("--task", choices=list(TASKS), default="pretrain",
                         help="what to run (also accepted as the first word)")
     g = parser.add_argument_group("resources (MAE's launcher flags)")

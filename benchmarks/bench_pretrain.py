@@ -7,15 +7,16 @@ Prints, per configuration: ms per step (teacher forward + student forward/backwa
 the teacher's share of the step, and peak GPU memory. Teachers use random weights (same cost as real ones).
 `mask_ratio 0.0` is feature distillation (the student sees every token), the paper's FD baseline.
 """
-import argparse
 import os
 import sys
 import time
+from typing import Optional, Sequence
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_maskalign  # noqa: E402
+from util.args import new_parser  # noqa: E402
 from util.optim import param_groups_weight_decay  # noqa: E402
 
 
@@ -67,8 +68,8 @@ def bench(args, mask_ratio: float, mask_type: str) -> dict:
                 peak_gib=peak)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(__doc__)
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = new_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="maskalign_vit_base_patch16")
     parser.add_argument("--teacher", default="openai/clip-vit-base-patch16")
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--amp", choices=("bf16", "none"), default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -7,14 +7,18 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from torchvision import transforms
 
 import export_timm
 import main_finetune
 import main_pretrain
-from tiny import pretrain_argv
+import submitit_launch
+from benchmarks import bench_pretrain
+from tiny import assert_same_weights, pretrain_argv
 from util import checkpoint
+from util.data import TFRandomResizedCrop, build_finetune_transform, eval_resize_size
 from util.optim import LARS, param_groups_layer_decay
-from util.pretrained import load_into, read_backbone
+from util.pretrained import load_into, read_backbone, resize_pos_embed
 
 TINY_VIT = dict(depth=2, embed_dim=64, num_heads=2)
 TINY_VIT_FLAGS = ["--model", "vit_tiny_patch16_224", "--model_kwargs", "depth=2", "embed_dim=64", "num_heads=2"]
@@ -202,7 +206,8 @@ def test_finetune_beats_chance_with_ema(labelled, pretrained_ckpt, tmp_path):
     best = checkpoint.load(str(out / "checkpoint-best.pth"))
     assert main_finetune.run(finetune_argv(labelled, tmp_path / "eval", "--eval", "--resume",
                                            str(out / "checkpoint-best.pth"))) == 0
-    assert best["acc1"] == max(l["test_acc1"] for l in lines)
+    assert best["acc1"] == max(max(l["test_acc1"], l["test_ema_acc1"]) for l in lines)
+    assert best["model_ema"].keys() == best["model"].keys()
 
 
 def test_finetune_with_mixup_recipe_runs(labelled, pretrained_ckpt, tmp_path):
@@ -211,14 +216,16 @@ def test_finetune_with_mixup_recipe_runs(labelled, pretrained_ckpt, tmp_path):
     assert np.isfinite(log_lines(out)[0]["train_loss"])
 
 
-def test_linprobe_beats_chance_with_frozen_backbone(labelled, pretrained_ckpt, tmp_path):
+def test_linprobe_beats_chance_with_frozen_backbone(labelled, pretrained_ckpt, tmp_path, capsys):
     out = tmp_path / "lp"
     argv = finetune_argv(labelled, out, "--linprobe", "--finetune", pretrained_ckpt, "--epochs", "4",
-                         "--warmup_epochs", "1", "--batch_size", "16", "--opt", "sgd", "--blr", "4")
+                         "--warmup_epochs", "1", "--batch_size", "16", "--accum_iter", "1", "--opt", "sgd",
+                         "--blr", "4")
     args = main_finetune.parse_args(argv)
     assert (args.opt, args.global_pool, args.weight_decay, args.mixup) == ("sgd", False, 0.0, 0.0)
     assert main_finetune.parse_args(["--linprobe", "--device", "cpu"]).opt == "lars"
     assert main_finetune.run(argv) == 0
+    assert "linear probing at an effective batch of 16 " in capsys.readouterr().err  # not the protocol's 16384
     assert log_lines(out)[-1]["test_acc1"] > 75.0, log_lines(out)
     trained = checkpoint.load(str(out / checkpoint.LATEST))["model"]
     pretrained = checkpoint.load(pretrained_ckpt)["model"]
@@ -239,6 +246,7 @@ def test_finetune_paper_defaults():
     args = main_finetune.parse_args(["--device", "cpu"])
     assert (args.epochs, args.warmup_epochs, args.blr, args.layer_decay, args.drop_path, args.global_pool) == \
         (100, 5, 3e-4, 0.6, 0.2, True)
+    assert args.min_lr == 1e-6  # MAE's fine-tuning default
     assert (args.mixup, args.cutmix, args.smoothing, args.reprob, args.aa) == \
         (0.8, 1.0, 0.1, 0.25, "rand-m9-mstd0.5-inc1")
 
@@ -323,3 +331,196 @@ def test_reference_pretraining_checkpoint_resumes_in_the_official_form(tmp_path)
         torch.manual_seed(0)
         dynamic = create_maskalign("tiny", teacher=model.teacher, img_size=32, **TINY_VIT, top_k=2)
         checkpoint.restore_training_state(str(tmp_path / "released.pth"), dynamic, None, None)
+
+
+# --------------------------------------------------------------------- MAE's protocol, item by item (#13)
+def test_linprobe_crop_is_maes_single_draw_crop():
+    """MAE's TF-style crop on a 500x375 image: one draw, sides clamped. torchvision's retrying crop is
+    measured alongside to show what the difference is (mean area 0.435, 0.6% full-side crops)."""
+    width, height, n = 500, 375, 20000
+    torch.manual_seed(0)
+    crop = TFRandomResizedCrop(224)
+    boxes = [crop.crop_box(width, height) for _ in range(n)]
+    assert all(0 <= top <= height - h and 0 <= left <= width - w for top, left, h, w in boxes)
+    area = np.mean([h * w for _, _, h, w in boxes]) / (width * height)
+    full_side = np.mean([h == height or w == width for _, _, h, w in boxes])
+    assert abs(area - 0.518) < 0.01 and abs(full_side - 0.256) < 0.015, (area, full_side)
+
+    image = Image.new("RGB", (width, height))
+    torchvision_boxes = [transforms.RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
+                         for _ in range(n)]
+    tv_area = np.mean([h * w for _, _, h, w in torchvision_boxes]) / (width * height)
+    tv_full_side = np.mean([h == height or w == width for _, _, h, w in torchvision_boxes])
+    assert abs(tv_area - 0.435) < 0.01 and tv_full_side < 0.02, (tv_area, tv_full_side)
+
+
+def test_linprobe_uses_maes_crop_unless_asked_otherwise(labelled):
+    argv = finetune_argv(labelled, "unused", "--linprobe")
+    train, _ = main_finetune.build_datasets(main_finetune.parse_args(argv))
+    assert isinstance(train.transform.transforms[0], TFRandomResizedCrop)
+    assert train[0][0].shape == (3, 32, 32)
+    train, _ = main_finetune.build_datasets(main_finetune.parse_args([*argv, "--linprobe_crop", "torchvision"]))
+    assert type(train.transform.transforms[0]) is transforms.RandomResizedCrop
+
+
+@pytest.mark.parametrize("input_size, resize", [(224, 256), (192, 219), (256, 256), (384, 384), (448, 448)])
+def test_eval_resize_follows_maes_crop_pct(input_size, resize):
+    """crop_pct 0.875 up to 224 px, 1.0 above: a 384 model sees the whole shorter side."""
+    assert eval_resize_size(input_size) == resize
+    t = build_finetune_transform(False, input_size)
+    assert t.transforms[0].size == resize and t.transforms[1].size == (input_size, input_size)
+    assert t(Image.new("RGB", (500, 375))).shape == (3, input_size, input_size)
+
+
+def bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+    """1-D bicubic resampling (align_corners=False, edge samples repeated) written out by hand."""
+    def kernel(x):
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+        return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a if x < 2 else 0.0
+    m = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        src = (o + 0.5) * n_in / n_out - 0.5
+        base = int(np.floor(src))
+        for tap in range(base - 1, base + 3):
+            m[o, min(max(tap, 0), n_in - 1)] += kernel(src - tap)
+    return m
+
+
+@pytest.mark.parametrize("old, new", [(3, 5), (6, 4)])
+def test_pos_embed_resize_is_maes_plain_bicubic(old, new):
+    torch.manual_seed(0)
+    pos_embed = torch.randn(1, 1 + old * old, 8)
+    resized = resize_pos_embed(pos_embed, (new, new))
+    assert torch.equal(resized[:, :1], pos_embed[:, :1])  # [CLS] kept apart
+    grid = pos_embed[0, 1:].reshape(old, old, 8).double().numpy()
+    m = bicubic_matrix(old, new)
+    by_hand = np.einsum("ij,jkc,lk->ilc", m, grid, m).reshape(new * new, 8)
+    np.testing.assert_allclose(resized[0, 1:].numpy(), by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_pos_embed_antialias_is_timms_and_differs_as_measured():
+    from timm.layers import resample_abs_pos_embed
+
+    from maskalign.pos_embed import sincos_2d_pos_embed
+    pos_embed = sincos_2d_pos_embed(768, 14).reshape(1, 197, 768).float()
+    for new, difference in ((24, 0.009), (7, 0.032)):
+        timm_resized = resample_abs_pos_embed(pos_embed, [new, new], num_prefix_tokens=1)
+        assert torch.equal(resize_pos_embed(pos_embed, (new, new), antialias=True), timm_resized)
+        mae_resized = resize_pos_embed(pos_embed, (new, new))
+        relative = ((mae_resized - timm_resized).norm() / timm_resized.norm()).item()
+        assert abs(relative - difference) < 0.001, (new, relative)
+
+
+def test_finetune_at_another_resolution_interpolates_like_mae(tmp_path):
+    state = student_keys()
+    torch.save({"model": state}, tmp_path / "c.pth")
+    source = state["pos_embed"]
+    for antialias in (False, True):
+        model = tiny_vit(num_classes=2, img_size=64)
+        load_into(model, read_backbone(str(tmp_path / "c.pth")), antialias_pos_embed=antialias)
+        assert torch.equal(model.pos_embed.detach(), resize_pos_embed(source, (4, 4), antialias=antialias))
+    assert not torch.equal(resize_pos_embed(source, (4, 4)), resize_pos_embed(source, (4, 4), antialias=True))
+    args = main_finetune.parse_args(["--device", "cpu"])
+    assert args.pos_embed_antialias is False and \
+        main_finetune.parse_args(["--device", "cpu", "--pos_embed_antialias"]).pos_embed_antialias
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd", "lars"])
+def test_finetune_optimizers_keep_layer_decay_and_no_weight_decay_groups(opt):
+    args = main_finetune.parse_args(["--device", "cpu", "--opt", opt, "--layer_decay", "0.5"])
+    model = tiny_vit(num_classes=2)
+    optimizer = main_finetune.build_optimizer(args, model)
+    expected = param_groups_layer_decay(model, 0.05, layer_decay=0.5)
+    assert [(g["lr_scale"], g["weight_decay"], g["params"]) for g in optimizer.param_groups] == \
+        [(g["lr_scale"], g["weight_decay"], g["params"]) for g in expected]
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.05}
+    assert sorted({g["lr_scale"] for g in optimizer.param_groups}) == [0.125, 0.25, 0.5, 1.0]  # embeddings .. head
+
+
+def test_unsupported_flag_combinations_exit_2(capsys):
+    cases = [(["--linprobe", "--opt", "adamw"], "--opt lars or --opt sgd"),
+             (["--linprob"], "unrecognized arguments: --linprob"),  # no abbreviation of --linprobe
+             (["--eval_ema"], "--eval --resume")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main_finetune.parse_args(["--device", "cpu", *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+ABBREVIATED_FLAGS = {  # entry point -> a call that parses an abbreviated flag
+    "main_pretrain": lambda: main_pretrain.parse_args(["--dem"]),
+    "main_finetune": lambda: main_finetune.parse_args(["--linprob"]),
+    "export_timm": lambda: export_timm.main(["c.pth", "out", "--mod", "x"]),
+    "submitit_launch": lambda: submitit_launch.get_args_parser().parse_args(["--dry"]),
+    "benchmarks/bench_pretrain": lambda: bench_pretrain.main(["--batch", "4"]),
+}
+
+
+@pytest.mark.parametrize("entry_point", ABBREVIATED_FLAGS)
+def test_no_entry_point_accepts_abbreviated_flags(entry_point, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ABBREVIATED_FLAGS[entry_point]()
+    assert exc.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_cudnn_benchmark_is_on_for_cuda_runs(monkeypatch):
+    from engine import configure_backends
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    configure_backends(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    configure_backends(torch.device("cuda", 0))  # sets a flag only: no GPU needed
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_linprobe_defaults_reach_16384_on_8_gpus():
+    args = main_finetune.parse_args(["--linprobe", "--device", "cpu"])
+    assert (args.batch_size * args.accum_iter * 8, args.blr, args.opt, args.global_pool) == (16384, 0.1, "lars", False)
+    assert args.blr * 16384 / 256 == 6.4  # MAE's lr
+
+
+def scripted_evaluate(monkeypatch, top1):
+    """main_finetune.evaluate returning the given top-1 values in call order; records the weights it saw."""
+    seen = []
+
+    def fake(model, loader, device, args, distributed=False):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"acc1": top1[len(seen) - 1], "acc5": 100.0, "loss": 1.0}
+    monkeypatch.setattr(main_finetune, "evaluate", fake)
+    return seen
+
+
+def test_best_checkpoint_takes_the_ema_when_it_scores_higher(labelled, tmp_path, monkeypatch):
+    """Rule: each epoch the better of model and EMA (the model on a tie) competes; checkpoint-best.pth's
+    `model` holds the winning weights, `best_source` names them, `model_ema` holds the EMA."""
+    out = tmp_path / "ft"
+    # epoch 0: model 50 / EMA 40 -> best model; epoch 1: 45 / 70 -> best EMA; epoch 2: 60 / 65 -> no change
+    seen = scripted_evaluate(monkeypatch, [50.0, 40.0, 45.0, 70.0, 60.0, 65.0])
+    argv = finetune_argv(labelled, out, "--epochs", "3", "--warmup_epochs", "1", "--mixup", "0", "--cutmix", "0",
+                         "--model_ema", "--model_ema_decay", "0.5")
+    assert main_finetune.run(argv) == 0
+    best = checkpoint.load(str(out / "checkpoint-best.pth"))
+    assert (best["best_source"], best["acc1"], best["epoch"], best["test_acc1"], best["test_ema_acc1"]) == \
+        ("model_ema", 70.0, 1, 45.0, 70.0)
+    assert any(not torch.equal(seen[2][k], seen[3][k]) for k in seen[2])  # epoch 1: the EMA is not the model
+    assert_same_weights(best["model"], seen[3])
+    assert_same_weights(best["model_ema"], seen[3])
+    assert [line["max_accuracy"] for line in log_lines(out)] == [50.0, 70.0, 70.0]
+    latest = checkpoint.load(str(out / checkpoint.LATEST))
+    assert_same_weights(latest["model"], seen[4])
+    assert_same_weights(latest["model_ema"], seen[5])
+
+    # --eval evaluates a checkpoint's `model`, --eval_ema its `model_ema`
+    for flags, key in ((["--eval"], "model"), (["--eval", "--eval_ema"], "model_ema")):
+        evaluated = scripted_evaluate(monkeypatch, [99.0])
+        argv = finetune_argv(labelled, tmp_path / "eval", *flags, "--resume", str(out / checkpoint.LATEST))
+        assert main_finetune.run(argv) == 0
+        assert_same_weights(evaluated[0], latest[key])
+
+
+def test_eval_ema_of_a_checkpoint_without_ema_fails_with_a_message(labelled, tmp_path, capsys):
+    torch.save({"model": tiny_vit(num_classes=2).state_dict()}, tmp_path / "plain.pth")
+    argv = finetune_argv(labelled, tmp_path / "e", "--eval", "--eval_ema", "--resume", str(tmp_path / "plain.pth"))
+    assert main_finetune.run(argv) == 1
+    assert "plain.pth has no `model_ema` weights" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Command-line flags shared by main_pretrain.py, main_finetune.py and submitit_launch.py.
+"""Command-line flags shared by the entry points (main_pretrain.py, main_finetune.py, submitit_launch.py, ...).
 
 Flags keep MAE's names and meanings; the MaskAlign reference code's flag names are accepted as aliases
 (docs/method.md), e.g. `--mask_type attention`, `--fusion_type linear`, `--target_norm whiten`, `--loss_weights top5`.
@@ -16,6 +16,7 @@ import torch
 from maskalign.alignment import ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS
 from maskalign.masking import MASK_TYPES
 from maskalign.teachers import resolve_teacher_spec
+from util.recipes import Recipe
 
 AMP_CHOICES = ("bf16", "fp16", "none")
 
@@ -47,6 +48,25 @@ class ParseKwargs(argparse.Action):
             except (ValueError, SyntaxError):
                 kwargs[key] = value
         setattr(namespace, self.dest, kwargs)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown; description and epilog (the recipe list) keep their line breaks."""
+
+
+def new_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of every entry point. Abbreviations are off: `--linprob` must be an error, not a silent
+    `--linprobe` that skips the presets `parse` applies for the full switch."""
+    return argparse.ArgumentParser(description=description, allow_abbrev=False, formatter_class=_HelpFormatter)
+
+
+def add_recipe_arg(parser: argparse.ArgumentParser, recipes: dict[str, Recipe]) -> None:
+    """`--recipe NAME`: a published setting applied as defaults (see `parse`); listed at the end of --help."""
+    parser.add_argument("--recipe", choices=list(recipes), default=None, metavar="NAME",
+                        help="named settings (listed below), applied as defaults: explicit flags win")
+    width = max(map(len, recipes))
+    listing = "\n".join(f"  {name:<{width}}  [{recipe.source}] {recipe.summary}" for name, recipe in recipes.items())
+    parser.epilog = "\n".join(filter(None, [parser.epilog, f"recipes (util/recipes.py has their flags):\n{listing}"]))
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, blr: float,
@@ -165,11 +185,27 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
-          presets: Optional[dict[str, dict]] = None) -> argparse.Namespace:
-    """Parse and validate. `presets` maps a switch (e.g. `--demo`) to the defaults it brings; flags given
-    explicitly on the command line still win over a preset."""
+          presets: Optional[dict[str, dict]] = None,
+          recipes: Optional[dict[str, Recipe]] = None) -> argparse.Namespace:
+    """Parse and validate. `presets` maps a switch (e.g. `--demo`) to the defaults it brings, and `--recipe
+    NAME` brings `recipes[NAME].flags` on top of them; flags given explicitly on the command line win over
+    both."""
     argv = list(sys.argv[1:] if argv is None else argv)
     for switch, defaults in (presets or {}).items():
         if switch in argv:
             parser.set_defaults(**defaults)
+    recipe = (recipes or {}).get(flag_value(argv, "--recipe"))
+    if recipe is not None:  # an unknown name is left to argparse's `choices` error
+        parser.set_defaults(**recipe.flags)
     return resolve(parser, parser.parse_args(argv))
+
+
+def flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    """The last value given to `flag` (argparse's "last one wins"), in either `--f v` or `--f=v` form."""
+    value = None
+    for i, item in enumerate(argv):
+        if item == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif item.startswith(flag + "="):
+            value = item.split("=", 1)[1]
+    return value

@@ -19,7 +19,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = [
     'IMAGENET_DEFAULT_MEAN', 'IMAGENET_DEFAULT_STD', 'TooManyBadSamplesError', 'RobustImageDataset',
-    'build_pretrain_transform', 'build_finetune_transform', 'build_dataset',
+    'build_pretrain_transform', 'build_finetune_transform', 'build_linprobe_transform', 'eval_resize_size',
+    'TFRandomResizedCrop', 'build_dataset',
 ]
 
 logger = logging.getLogger('maskalign.data')
@@ -40,8 +41,7 @@ class TooManyBadSamplesError(RuntimeError):
 
 
 def build_pretrain_transform(input_size: int, scale: Tuple[float, float] = (0.2, 1.0)) -> transforms.Compose:
-    """MAE pre-training augmentation: only crop + flip, masking does the rest (linear probing uses it too,
-    with torchvision's default crop scale (0.08, 1))."""
+    """MAE pre-training augmentation: only crop + flip, masking does the rest."""
     return transforms.Compose([
         transforms.RandomResizedCrop(input_size, scale=scale,
                                      interpolation=transforms.InterpolationMode.BICUBIC),
@@ -51,6 +51,67 @@ def build_pretrain_transform(input_size: int, scale: Tuple[float, float] = (0.2,
     ])
 
 
+class TFRandomResizedCrop(torch.nn.Module):
+    """The random resized crop of TF/TPU pipelines (BYOL, MAE's linear probe): a single draw, no retries.
+
+    Area fraction ~ U(scale) and log aspect ratio ~ U(log ratio); the width and height that follow are each
+    clamped to the image, so a large draw gives a crop spanning a full side instead of being redrawn.
+    torchvision's crop retries up to 10 times and then falls back to a centre crop, which skews it towards
+    smaller crops: on a 500x375 image the mean crop covers 43.5% of the image against 51.8% here, and 0.6%
+    of its crops span a full side against 25.6% (tests/test_finetune.py measures both).
+    Randomness comes from torch's global generator, like torchvision's transforms.
+    """
+
+    def __init__(self, size: int, scale: Tuple[float, float] = (0.08, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+                 interpolation: transforms.InterpolationMode = transforms.InterpolationMode.BICUBIC):
+        super().__init__()
+        self.size, self.scale, self.interpolation = (size, size), scale, interpolation
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def crop_box(self, width: int, height: int) -> Tuple[int, int, int, int]:
+        """(top, left, crop height, crop width) for an image of the given size."""
+        area = width * height * _uniform(*self.scale)
+        aspect = math.exp(_uniform(*self.log_ratio))
+        crop_w = min(width, int(round(math.sqrt(area * aspect))))
+        crop_h = min(height, int(round(math.sqrt(area / aspect))))
+        top = int(torch.randint(0, height - crop_h + 1, ()).item())
+        left = int(torch.randint(0, width - crop_w + 1, ()).item())
+        return top, left, crop_h, crop_w
+
+    def forward(self, img):
+        width, height = transforms.functional.get_image_size(img)
+        return transforms.functional.resized_crop(img, *self.crop_box(width, height), list(self.size),
+                                                  self.interpolation, antialias=True)
+
+
+def _uniform(low: float, high: float) -> float:
+    return torch.empty(()).uniform_(low, high).item()
+
+
+def build_linprobe_transform(input_size: int, crop: str = 'mae') -> transforms.Compose:
+    """MAE's linear-probe augmentation: random resized crop (scale 0.08-1, bicubic) + flip, nothing else.
+    ``crop='mae'`` is MAE's single-draw TF-style crop; ``'torchvision'`` is torchvision's retrying one."""
+    if crop == 'mae':
+        random_crop = TFRandomResizedCrop(input_size)
+    elif crop == 'torchvision':
+        random_crop = transforms.RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC)
+    else:
+        raise ValueError(f"crop must be 'mae' or 'torchvision', got {crop!r}")
+    return transforms.Compose([
+        random_crop,
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def eval_resize_size(input_size: int) -> int:
+    """MAE's evaluation resize: crop_pct 0.875 up to 224 px (224 -> 256), 1.0 above (384 -> 384)."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return int(input_size / crop_pct)
+
+
 def build_finetune_transform(is_train: bool, input_size: int, color_jitter: Optional[float] = None,
                              aa: Optional[str] = 'rand-m9-mstd0.5-inc1', reprob: float = 0.25,
                              remode: str = 'pixel', recount: int = 1,
@@ -58,8 +119,7 @@ def build_finetune_transform(is_train: bool, input_size: int, color_jitter: Opti
     """MAE fine-tuning transforms.
 
     Train: timm's RandomResizedCrop + RandAugment + random erasing pipeline.
-    Eval: resize the shorter side to ``input_size / 0.875`` (224 -> 256) and
-    center-crop, the standard ImageNet evaluation protocol.
+    Eval: resize the shorter side to ``eval_resize_size(input_size)`` and centre-crop, as MAE does.
     ``interpolation`` must be a torchvision mode name for eval (not timm's 'random').
     """
     if is_train:
@@ -68,7 +128,7 @@ def build_finetune_transform(is_train: bool, input_size: int, color_jitter: Opti
                                 re_mode=remode, re_count=recount,
                                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     return transforms.Compose([
-        transforms.Resize(int(input_size / 0.875), interpolation=transforms.InterpolationMode(interpolation)),
+        transforms.Resize(eval_resize_size(input_size), interpolation=transforms.InterpolationMode(interpolation)),
         transforms.CenterCrop(input_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),

@@ -15,11 +15,11 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed
+import torch.nn.functional as F
 
 from util import checkpoint
 
@@ -129,8 +129,30 @@ def _check_architecture(backbone: Backbone, model: nn.Module, expected_name: str
                          f"(width {model_width}, depth {model_depth}){hint}")
 
 
-def load_into(model: nn.Module, backbone: Backbone, expected_name: str = "the model") -> LoadReport:
-    """Load `backbone` into a timm ViT: resize pos_embed, drop what does not fit the head, report the rest."""
+def resize_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], num_prefix_tokens: int = 1,
+                     antialias: bool = False) -> torch.Tensor:
+    """A square grid of position embeddings (after `num_prefix_tokens` such as [CLS], kept as they are)
+    resampled to `grid` with bicubic interpolation (align_corners=False).
+
+    `antialias=False` is MAE's `interpolate_pos_embed`; True is timm's `resample_abs_pos_embed`, which also
+    uses a different cubic kernel (a = -0.5 instead of -0.75): 0.9% relative difference at 14 -> 24 and
+    3.2% at 14 -> 7 on a ViT-B embedding.
+    """
+    prefix, tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    side = round(tokens.shape[1] ** 0.5)
+    if side * side != tokens.shape[1]:
+        raise checkpoint.CheckpointError(f"pos_embed has {tokens.shape[1]} patch positions, not a square grid")
+    dim = tokens.shape[-1]
+    tokens = tokens.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    tokens = F.interpolate(tokens, size=tuple(grid), mode="bicubic", align_corners=False, antialias=antialias)
+    tokens = tokens.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, tokens], dim=1)
+
+
+def load_into(model: nn.Module, backbone: Backbone, expected_name: str = "the model",
+              antialias_pos_embed: bool = False) -> LoadReport:
+    """Load `backbone` into a timm ViT: resize pos_embed (MAE's interpolation unless `antialias_pos_embed`),
+    drop what does not fit the head, report the rest."""
     _check_architecture(backbone, model, expected_name)
     state = dict(backbone.state_dict)
     dropped = list(backbone.dropped)
@@ -139,8 +161,8 @@ def load_into(model: nn.Module, backbone: Backbone, expected_name: str = "the mo
     if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
         old_len = state["pos_embed"].shape[1]
         grid = model.patch_embed.grid_size
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid),
-                                                    num_prefix_tokens=model.num_prefix_tokens)
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], grid, model.num_prefix_tokens,
+                                              antialias=antialias_pos_embed)
         resized = (old_len, state["pos_embed"].shape[1])
     for key in list(state):
         if key not in target or (key.startswith(HEAD_PREFIXES) and state[key].shape != target[key].shape):

@@ -40,6 +40,8 @@ from typing import Any, Iterator, Optional, Sequence
 import submitit
 from submitit.core.logger import get_logger
 
+from util.args import flag_value
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_STOPPED = 143  # the entry points' code for "stopped by a signal after writing checkpoint-latest"
 
@@ -117,17 +119,6 @@ def submitit_signal_policy(preempt: int) -> Iterator[None]:
         yield
     finally:
         StopSignals.actions = previous
-
-
-def flag_value(argv: Sequence[str], flag: str) -> Optional[str]:
-    """The last value given to `flag` (argparse's "last one wins"), in either `--f v` or `--f=v` form."""
-    value = None
-    for i, item in enumerate(argv):
-        if item == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif item.startswith(flag + "="):
-            value = item.split("=", 1)[1]
-    return value
 
 
 @dataclasses.dataclass
