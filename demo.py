@@ -101,14 +101,16 @@ def pretrain(method: str, run_dir: str, data: str, teacher: str, args: argparse.
 
 
 def linprobe_argv(ckpt: str, out: str, data: str, epochs: int, seed: int) -> list[str]:
-    """main_finetune.py --linprobe (frozen backbone, BatchNorm + linear head, MAE's crop + flip) with SGD: MAE's
-    LARS needs thousands of steps to grow the head from its 0.01 init, and 1437 images give a few hundred."""
+    """main_finetune.py --linprobe (frozen backbone, BatchNorm + linear head, random resized crop + flip) with
+    SGD at batch 64: MAE's LARS needs thousands of steps to grow the head from its 0.01 init, and 1438 images
+    give a few hundred. The README's table was measured with torchvision's crop."""
     from util.demo import IMAGE_SIZE, STUDENT_ARCH, fitting_batch, kwargs_argv
     return ["--linprobe", "--finetune", ckpt, "--model", "vit_tiny_patch16_224",
             "--model_kwargs", *kwargs_argv(STUDENT_ARCH), "--nb_classes", "10", "--input_size", str(IMAGE_SIZE),
             "--data_path", data, "--output_dir", out, "--epochs", str(epochs), "--warmup_epochs", "1",
-            "--opt", "sgd", "--blr", "1.0", "--batch_size", str(fitting_batch(64, data)), "--num_workers", "0",
-            "--device", "cpu", "--save_freq", "1000", "--print_freq", "1000", "--seed", str(seed)]
+            "--opt", "sgd", "--blr", "1.0", "--batch_size", str(fitting_batch(64, data)), "--accum_iter", "1",
+            "--linprobe_crop", "torchvision", "--num_workers", "0", "--device", "cpu", "--save_freq", "1000",
+            "--print_freq", "1000", "--seed", str(seed)]
 
 
 def evaluate_student(method: str, run_dir: str, ckpt: str, data: str, args: argparse.Namespace) -> dict:
