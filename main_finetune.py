@@ -55,7 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pos_embed_antialias", action="store_true",
                    help="resize a pre-trained position embedding with timm's antialiased bicubic instead of "
                         "MAE's plain bicubic (F.interpolate)")
-    g.add_argument("--nb_classes", type=int, default=1000)
+    g.add_argument("--nb_classes", type=int, default=None, help="classifier outputs (default: the number of "
+                   "classes in the data; a larger value is allowed with a warning, a smaller one is refused)")
     g.add_argument("--global_pool", action="store_true", default=True, help="average-pool the patch tokens")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify from [CLS] instead")
     g.add_argument("--linprobe", action="store_true", help="linear probing: frozen backbone, BN + linear head")
@@ -88,7 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_ema", action="store_true", help="with --eval --resume: evaluate the checkpoint's "
                                                            "`model_ema` weights instead of `model`")
     g.add_argument("--dist_eval", action="store_true", help="shard the validation set across processes")
-    g.add_argument("--val_file_list", default=None, help="file list for validation ('path label' lines)")
+    g.add_argument("--val_file_list", default=None, help="validation set as a file list ('path label' lines) "
+                   "instead of <data_path>/val/; without either, fine-tuning refuses to start")
 
     cli.add_training_args(parser, batch_size=128, epochs=100, blr=3e-4, drop_path=0.2, weight_decay=0.05,
                           warmup_epochs=5)
@@ -99,6 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = get_args_parser()
     args = cli.parse(parser, argv, presets={"--linprobe": MAE_LINPROBE}, recipes=RECIPES)
+    cli.resolve_classification(parser, args)
     if args.recipe and args.linprobe != (RECIPES[args.recipe].task == "linprobe"):
         parser.error(f"--recipe {args.recipe} is a {RECIPES[args.recipe].task} recipe; "
                      f"{'drop' if args.linprobe else 'add'} --linprobe")
@@ -110,6 +113,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("mixup/cutmix need an even --batch_size")
     if args.model not in timm.list_models() and args.model not in timm.list_models(pretrained=True):
         parser.error(f"--model {args.model} is not a timm model")
+    cli.check_model(parser, args, lambda: create_vit(args), MODEL_FLAGS)
     return args
 
 
@@ -117,10 +121,19 @@ def mixup_active(args) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
+# Model arguments that flags set: --model_kwargs must not give them a second value.
+MODEL_FLAGS = {"num_classes": "use --nb_classes", "img_size": "use --input_size", "drop_path_rate": "use --drop_path",
+               "global_pool": "use --global_pool or --cls_token", "pretrained": "use --finetune FILE"}
+
+
+def create_vit(args) -> nn.Module:
+    return timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes or 1000,
+                             img_size=args.input_size, drop_path_rate=args.drop_path,
+                             global_pool="avg" if args.global_pool else "token", **args.model_kwargs)
+
+
 def build_model(args) -> nn.Module:
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes, img_size=args.input_size,
-                              drop_path_rate=args.drop_path, global_pool="avg" if args.global_pool else "token",
-                              **args.model_kwargs)
+    model = create_vit(args)
     if args.finetune:
         load_into(model, read_backbone(args.finetune), expected_name=args.model,
                   antialias_pos_embed=args.pos_embed_antialias)

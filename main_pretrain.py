@@ -48,8 +48,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Model arguments that flags set: --model_kwargs must not give them a second value.
+MODEL_FLAGS = {"img_size": "use --input_size", "drop_path_rate": "use --drop_path",
+               "num_classes": "the pre-training student has no classifier",
+               **{name: f"use --{name}" for name in ("teacher", "teacher_weights", "teacher_kwargs", "mask_type",
+                                                     "mask_ratio", "top_k", "align", "adaptor", "target_norm",
+                                                     "loss_type", "align_cls")}}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return cli.parse(get_args_parser(), argv, presets={"--demo": DEMO_DEFAULTS}, recipes=RECIPES)
+    parser = get_args_parser()
+    args = cli.parse(parser, argv, presets={"--demo": DEMO_DEFAULTS}, recipes=RECIPES)
+    cli.check_model(parser, args, lambda: models_maskalign.student_vit(
+        args.model, img_size=args.input_size, drop_path_rate=args.drop_path, **args.model_kwargs), MODEL_FLAGS)
+    return args
 
 
 def build_model(args: argparse.Namespace) -> models_maskalign.MaskAlignViT:

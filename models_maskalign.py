@@ -227,6 +227,14 @@ def create_maskalign(arch: str, pretrained: bool = False, teacher: Union[str, Te
     return model
 
 
+def student_vit(model_name: str, **kwargs: Any) -> VisionTransformer:
+    """The student of a registered MaskAlign model alone (no teacher, no DA), built from the same
+    architecture arguments; entry points build it on the meta device to check --model_kwargs."""
+    kwargs.pop("norm_pix_loss", None)
+    arch_cfg, _ = STUDENT_ARCHS[model_name.split("_")[2]]  # maskalign_vit_<arch>[_patch16]
+    return VisionTransformer(**{"num_classes": 0, **arch_cfg, **kwargs})
+
+
 @register_model
 def maskalign_vit_tiny_patch16(pretrained: bool = False, **kwargs: Any) -> MaskAlignViT:
     return create_maskalign("tiny", pretrained, **kwargs)

@@ -1,9 +1,9 @@
 """Launch pre-training, fine-tuning or linear probing on SLURM through submitit (or submitit's local executor).
 
     python submitit_launch.py pretrain --nodes 4 --ngpus 8 --partition learnlab --timeout 4320 \
-        --job_dir /checkpoint/$USER/maskalign/%j -- --data_path /datasets/imagenet --batch_size 32 \
+        --job_dir /checkpoint/$USER/maskalign/ma_b16/%j -- --data_path /datasets/imagenet --batch_size 32 \
         --teacher openai/clip-vit-base-patch16 --teacher_weights /ckpt/clip/ViT-B-16.pt
-    python submitit_launch.py finetune ... --finetune /checkpoint/$USER/maskalign/123/checkpoint-199.pth
+    python submitit_launch.py finetune ... --finetune /checkpoint/$USER/maskalign/ma_b16/checkpoint-199.pth
     python submitit_launch.py pretrain --sweep sweep.yaml --nodes 2 ...     # one array job per sweep point
     python submitit_launch.py pretrain --dry_run ...                        # print the sbatch script, submit nothing
     python submitit_launch.py pretrain --local --ngpus 0 ... --device cpu   # submitit's local executor, no SLURM
@@ -12,7 +12,15 @@ The task is the first word (`pretrain`, `finetune`, `linprobe`) or `--task`. Lau
 `--help`; every other flag goes unchanged to the task's entry point (main_pretrain.py / main_finetune.py,
 `linprobe` adds `--linprobe`), is validated by that entry point's parser before anything is submitted, and
 may contain %j (job id), %A (array id), %a (array index). `--` may separate the two groups.
-Training `--output_dir` defaults to the job dir; in a sweep each point writes to `<output_dir>/<its overrides>`.
+Training `--output_dir` defaults to `--job_dir` up to its first folder with a job tag (`.../ma_b16/%j` ->
+`.../ma_b16`): the same for every submission, so resubmitting a command resumes from its last checkpoint, while
+each job's submitit files and logs (`<id>_0_log.err` has the training's progress) stay in `<job_dir>` with the
+tag expanded. In a sweep each point writes to `<output_dir>/<its overrides>`.
+
+Checked before anything is submitted: every training flag (by the task's own parser: data, files, sizes), and,
+unless `--nodes_online` says the compute nodes reach the internet, that a teacher's hub weights are cached here
+(otherwise `--teacher_weights FILE` is needed); jobs then run with HF_HUB_OFFLINE=1. `--after JOB_ID` chains a
+job to an earlier one (e.g. fine-tuning after pre-training), whose checkpoint need not exist yet.
 
 Sweep files (YAML or JSON), values as they would appear on the command line (lists for nargs flags, mappings
 for KEY=VALUE flags, true/false for switches):
@@ -37,14 +45,15 @@ import shutil
 import sys
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 from unittest import mock
 
 import submitit
 import yaml
 
-from util.args import new_parser
-from util.slurm import REPO, TASKS, TrainingJob, entry_point, expand_job_tags
+from util.args import flag_value, new_parser
+from util.slurm import JOB_TAGS, REPO, TASKS, TrainingJob, entry_point, expand_job_tags
 
 SWEEP_NAME_MAX = 200  # characters; file systems allow 255 bytes per path component
 
@@ -88,12 +97,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="shell line run before the job, repeatable, e.g. 'module load cuda/12.1'")
     g = parser.add_argument_group("jobs")
     g.add_argument("--job_dir", default=os.path.join("output_dir", "%j"),
-                   help="logs and submitit files (%%j: job id); default --output_dir of the training")
+                   help="submitit files and logs, a folder per job with %%j (the job id). Unless given, the "
+                        "training's --output_dir is the part before the first folder with %%j, %%A or %%a: the "
+                        "same for every submission, so resubmitting resumes (default: %(default)s)")
     g.add_argument("--job_name", default=None, help="default: maskalign_<task>")
     g.add_argument("--signal_delay_s", type=int, default=120,
                    help="SLURM signals the job this long before its time limit, to checkpoint and requeue")
     g.add_argument("--max_num_timeout", type=int, default=30, help="requeues after a time-out before giving up "
                                                                    "(preemptions do not count)")
+    g.add_argument("--after", default=None, metavar="JOB_ID",
+                   help="start once SLURM job JOB_ID has succeeded (sbatch --dependency=afterok:JOB_ID); "
+                        "--finetune / --resume may then name files that job writes: they are not checked")
+    g.add_argument("--nodes_online", action="store_true",
+                   help="the compute nodes can reach the Hugging Face hub. Without it the launcher assumes they "
+                        "cannot: hub weights of the teacher must be in the Hugging Face cache here (shared with "
+                        "the nodes) or a --teacher_weights file, and jobs run with HF_HUB_OFFLINE=1")
     g.add_argument("--sweep", default=None, metavar="FILE", help="YAML/JSON grid or list of overrides")
     g.add_argument("--array_parallelism", type=int, default=256, help="sweep jobs running at once")
     g = parser.add_argument_group("modes")
@@ -131,7 +149,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     checks = [(args.ngpus >= 0, "--ngpus must be >= 0"), (args.nodes >= 1, "--nodes must be >= 1"),
               (args.tasks_per_node >= 1, "--tasks_per_node must be >= 1"), (args.timeout >= 1, "--timeout must be >= 1"),
               (not (args.local and args.nodes > 1), "--local runs on this machine only: use --nodes 1"),
-              (args.sweep is None or os.path.isfile(args.sweep), f"--sweep {args.sweep} does not exist")]
+              (args.sweep is None or os.path.isfile(args.sweep), f"--sweep {args.sweep} does not exist"),
+              (not (args.local and args.after), "--after is a SLURM dependency: run the jobs one after another "
+                                                "with --local instead")]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -259,6 +279,17 @@ def cuda_assumed(assume: bool) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def files_assumed(paths: set[str]) -> Iterator[None]:
+    """Validate flags that name files an earlier job (--after) has yet to write."""
+    if not paths:
+        yield
+        return
+    isfile = os.path.isfile
+    with mock.patch("os.path.isfile", lambda path: path in paths or isfile(path)):
+        yield
+
+
 def build_specs(args: argparse.Namespace, train_argv: list[str]) -> list[JobSpec]:
     """One spec per job, each validated by the task's own parser (exit code 2 before anything is submitted)."""
     try:
@@ -267,7 +298,7 @@ def build_specs(args: argparse.Namespace, train_argv: list[str]) -> list[JobSpec
         raise LaunchError(str(e)) from None
     task_argv = [*TASKS[args.task].extra_argv, *train_argv]
     points = load_sweep(args.sweep) if args.sweep else [{}]
-    base_dir = _user_output_dir(module, task_argv) or sweep_folder(args)
+    base_dir = _user_output_dir(module, task_argv) or stable_output_dir(args.job_dir)
     parser = module.get_args_parser()
     specs = []
     for overrides in points:
@@ -277,10 +308,49 @@ def build_specs(args: argparse.Namespace, train_argv: list[str]) -> list[JobSpec
         specs.append(JobSpec(name, overrides, argv, out))
     _check_unique(specs)
     assume_cuda = args.ngpus > 0 and not args.local
-    for spec in specs:
-        _validate(module, spec, assume_cuda, point=spec.name if args.sweep else None)
+    parsed = [_validate(module, spec, assume_cuda, _pending_files(spec.argv) if args.after else set(),
+                        point=spec.name if args.sweep else None) for spec in specs]
+    if not (args.local or args.nodes_online):
+        teachers = {(a.teacher, a.teacher_weights, a.demo): a for a in parsed if hasattr(a, "teacher")}
+        for train_args in teachers.values():  # once per distinct teacher of a sweep
+            _check_teacher_offline(train_args)
     return specs
 
+
+def stable_output_dir(job_dir: str) -> str:
+    """`job_dir` up to its first folder that holds a job tag (%j, %A, %a): the same for every submission of
+    a command, so the resubmitted run finds the checkpoints of the last one."""
+    parts = Path(job_dir).parts
+    for i, part in enumerate(parts):
+        if any(tag in part for tag in JOB_TAGS):
+            return str(Path(*parts[:i]))
+    return job_dir
+
+
+def _pending_files(argv: list[str]) -> set[str]:
+    """Checkpoints an earlier job (--after) will write: the entry point must not require them yet."""
+    return {path for path in (flag_value(argv, "--finetune"), flag_value(argv, "--resume")) if path}
+
+
+def _check_teacher_offline(train_args: argparse.Namespace) -> None:
+    """Compute nodes without internet (the default assumption) can only use hub weights that are cached."""
+    from maskalign.teachers import cached_hub_file, hub_source, resolve_teacher_spec
+    from util.demo import DEMO_TEACHER
+
+    if train_args.demo and train_args.teacher_weights is None and train_args.teacher == DEMO_TEACHER:
+        return  # the demo writes its own local teacher file
+    source = hub_source(resolve_teacher_spec(train_args.teacher, train_args.teacher_weights))
+    if source is None:
+        return
+    cached = cached_hub_file(*source)
+    if cached is None:
+        get_args_parser().error(
+            f"teacher {train_args.teacher} takes its weights from the Hugging Face hub ({source[0]}); they are "
+            f"not in the Hugging Face cache here, and compute nodes are assumed to have no internet. Download "
+            f"them and pass the file with --teacher_weights PATH, or add --nodes_online if the nodes can reach "
+            f"the hub")
+    print(f"teacher weights: the Hugging Face cache's {cached}; the compute nodes must see the same cache "
+          f"(HF_HOME)")
 
 def sweep_folder(args: argparse.Namespace) -> str:
     """submitit's folder: in a sweep %j becomes %A, so all array tasks share it (and the summary)."""
@@ -304,10 +374,11 @@ def _check_unique(specs: list[JobSpec]) -> None:
         seen[spec.output_dir] = spec.overrides
 
 
-def _validate(module: Any, spec: JobSpec, assume_cuda: bool, point: Optional[str]) -> None:
+def _validate(module: Any, spec: JobSpec, assume_cuda: bool, pending: set[str],
+              point: Optional[str]) -> argparse.Namespace:
     try:
-        with cuda_assumed(assume_cuda):
-            module.parse_args(spec.argv)
+        with cuda_assumed(assume_cuda), files_assumed(pending):
+            return module.parse_args(spec.argv)
     except SystemExit as e:
         if point and e.code:  # argparse named the flag; say which sweep point carried it
             print(f"(in sweep point {point})", file=sys.stderr)
@@ -320,14 +391,30 @@ def pythonpath_setup() -> str:
     return f'export PYTHONPATH={shlex.quote(REPO)}"${{PYTHONPATH:+:$PYTHONPATH}}"'
 
 
+# Exported in every SLURM job explicitly: clusters that start jobs with a clean environment (sbatch
+# --export=NONE, or a login shell that resets it) would drop them, and an offline node would then retry the hub.
+HUB_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
+           "HUGGINGFACE_HUB_CACHE", "TORCH_HOME")
+
+
+def hub_env_setup(args: argparse.Namespace) -> list[str]:
+    """`export` lines for HUB_ENV as set here; HF_HUB_OFFLINE=1 unless the nodes are declared online."""
+    env = {key: os.environ[key] for key in HUB_ENV if key in os.environ}
+    if not args.nodes_online:
+        env["HF_HUB_OFFLINE"] = "1"
+    return [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
+
+
 def slurm_parameters(args: argparse.Namespace, num_jobs: int) -> dict[str, Any]:
     """SlurmExecutor parameters (sbatch names); unset options are left to the cluster's defaults."""
     params = dict(job_name=args.job_name, time=args.timeout, nodes=args.nodes, ntasks_per_node=args.tasks_per_node,
                   gpus_per_node=args.ngpus or None, cpus_per_task=args.cpus_per_task,
                   mem=f"{args.mem_gb}GB" if args.mem_gb else None, partition=args.partition, account=args.account,
                   qos=args.qos, comment=args.comment, constraint=args.constraint,
-                  signal_delay_s=args.signal_delay_s, setup=[pythonpath_setup(), *args.setup],
-                  additional_parameters=args.slurm or None,
+                  signal_delay_s=args.signal_delay_s,
+                  setup=[pythonpath_setup(), *hub_env_setup(args), *args.setup],
+                  additional_parameters={**args.slurm, **({"dependency": f"afterok:{args.after}"} if args.after
+                                                          else {})} or None,
                   array_parallelism=min(args.array_parallelism, num_jobs) if num_jobs > 1 else None)
     return {k: v for k, v in params.items() if v is not None}
 
@@ -359,7 +446,15 @@ def submit(args: argparse.Namespace, specs: list[JobSpec]) -> list[submitit.Job]
     os.environ["PYTHONPATH"] = os.pathsep.join([REPO, path]) if path else REPO  # for local jobs
     # clean_env: a launch from inside a SLURM job or torchrun must not leak its ranks/ids into the new jobs
     with submitit.helpers.clean_env():
-        return executor.submit_array([TrainingJob(args.task, spec.argv) for spec in specs])
+        jobs = executor.submit_array([TrainingJob(args.task, spec.argv) for spec in specs])
+    remove_unexpanded_folder(folder=sweep_folder(args))
+    return jobs
+
+
+def remove_unexpanded_folder(folder: str) -> None:
+    """submitit creates its folder argument as given, `%j` and all; the jobs use the expanded names."""
+    if any(tag in folder for tag in JOB_TAGS) and os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -397,7 +492,7 @@ def print_dry_run(args: argparse.Namespace, specs: list[JobSpec]) -> None:
 def write_summary(args: argparse.Namespace, specs: list[JobSpec], jobs: list[submitit.Job]) -> str:
     """sweep.json / sweep.csv in the sweep's folder: job id -> overrides, output dir, logs, command."""
     rows = [{"job_id": job.job_id, "name": spec.name, "overrides": spec.overrides,
-             "output_dir": expand_job_tags(spec.output_dir, job.job_id), "log": str(job.paths.stdout),
+             "output_dir": expand_job_tags(spec.output_dir, job.job_id), "log": str(job.paths.stderr),
              "command": training_command(args.task, spec.argv)} for spec, job in zip(specs, jobs)]
     folder = expand_job_tags(sweep_folder(args), jobs[0].job_id)
     os.makedirs(folder, exist_ok=True)
@@ -444,11 +539,23 @@ def main(args: argparse.Namespace, train_argv: list[str]) -> int:
                           "print the job without submitting.")
     jobs = submit(args, specs)
     for job, spec in zip(jobs, specs):
-        print(f"submitted {args.task} job {job.job_id}{f' ({spec.name})' if args.sweep else ''}: output "
-              f"{expand_job_tags(spec.output_dir, job.job_id)}, log {job.paths.stdout}")
+        out = expand_job_tags(spec.output_dir, job.job_id)
+        print(f"submitted {args.task} job {job.job_id}{f' ({spec.name})' if args.sweep else ''}: output {out}"
+              f"{_resume_note(out)}, progress log {job.paths.stderr}")
     if args.sweep:
         print(f"sweep summary: {write_summary(args, specs, jobs)}")
-    return wait_local(jobs, specs) if args.local else 0
+    if not args.local:
+        return 0
+    code = wait_local(jobs, specs)
+    remove_unexpanded_folder(sweep_folder(args))
+    return code
+
+
+def _resume_note(output_dir: str) -> str:
+    from util.checkpoint import find_resume
+
+    resume = find_resume(output_dir)
+    return f" (resumes from {os.path.basename(resume)})" if resume else ""
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:

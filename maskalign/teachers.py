@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import urllib.parse
 import warnings
 import zipfile
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -429,8 +431,7 @@ def _open_clip_fetcher(model_name: str, weights: str, tag_cfg: dict, label: str)
     if weights == RANDOM_WEIGHTS:
         return None
     if tag_cfg:
-        repo_id, filename = os.path.split(tag_cfg["hf_hub"])  # 'org/repo/' means the default file name
-        return _hub_fetcher(repo_id, _hub_filenames(filename or open_clip.constants.HF_WEIGHTS_NAME), label)
+        return _hub_fetcher(*_open_clip_hub_files(tag_cfg), label)
     if os.path.isfile(weights):
         return lambda: weights
     raise ValueError(f"{weights!r} is neither a pretrained tag of {label} ({_open_clip_tags(model_name)}) "
@@ -523,7 +524,7 @@ def _timm_fetcher(model_name: str, weights: Optional[str], label: str) -> Option
     cfg = timm.models.get_pretrained_cfg(model_name)
     if cfg is None or not cfg.hf_hub_id:
         raise ValueError(f"timm has no hub weights for {model_name}; pass a local file with {WEIGHTS_FLAG} PATH")
-    return _hub_fetcher(cfg.hf_hub_id, _hub_filenames(cfg.hf_hub_filename or "pytorch_model.bin"), label)
+    return _hub_fetcher(*_timm_hub_files(cfg), label)
 
 
 def _load_timm_weights(model: TimmVisionTransformer, path: str, label: str) -> None:
@@ -574,21 +575,83 @@ def _hub_filenames(filename: str) -> list[str]:
     return [twins.get(filename, os.path.splitext(filename)[0] + ".safetensors"), filename]
 
 
+def _open_clip_hub_files(tag_cfg: dict) -> tuple[str, list[str]]:
+    repo_id, filename = os.path.split(tag_cfg["hf_hub"])  # 'org/repo/' means the default file name
+    return repo_id, _hub_filenames(filename or open_clip.constants.HF_WEIGHTS_NAME)
+
+
+def _timm_hub_files(cfg: Any) -> tuple[str, list[str]]:
+    return cfg.hf_hub_id, _hub_filenames(cfg.hf_hub_filename or "pytorch_model.bin")
+
+
+def hub_source(spec: TeacherSpec) -> Optional[tuple[str, list[str]]]:
+    """(repo id, candidate file names) when the teacher's weights come from the Hugging Face hub (an
+    open_clip pretrained tag; a timm model without a weights file), else None (a local file, random)."""
+    if spec.weights == RANDOM_WEIGHTS:
+        return None
+    if spec.library == "open_clip":
+        tag_cfg = open_clip.get_pretrained_cfg(spec.model_name, spec.weights) if spec.weights else {}
+        return _open_clip_hub_files(tag_cfg) if tag_cfg.get("hf_hub") else None
+    if spec.weights is not None:
+        return None
+    try:
+        cfg = timm.models.get_pretrained_cfg(spec.model_name)
+    except RuntimeError:  # an unknown tag: reported when the teacher is built
+        return None
+    return _timm_hub_files(cfg) if cfg is not None and cfg.hf_hub_id else None
+
+
+def is_hub_tag(spec: TeacherSpec) -> bool:
+    return hub_source(spec) is not None
+
+
+def cached_hub_file(repo_id: str, filenames: list[str]) -> Optional[str]:
+    """The first of `filenames` found in the local Hugging Face cache (no network)."""
+    for filename in filenames:
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str):
+            return cached
+    return None
+
+
 def _hub_offline() -> bool:
     env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     return env or huggingface_hub.constants.HF_HUB_OFFLINE
 
 
+HUB_CONNECT_TIMEOUT_S = 3.0
+
+
+def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
+    """One TCP connection to the hub's host (or to the HTTPS proxy in between), in at most `timeout`
+    seconds. Without it, a machine with no internet learns so only after the HTTP client's retries."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urllib.parse.urlsplit(proxy or huggingface_hub.constants.ENDPOINT)
+    if not url.hostname:
+        return True  # nothing to probe: let the download decide
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _hub_fetcher(repo_id: str, filenames: list[str], label: str) -> Callable[[], str]:
-    """A cached file is used as is (no network); offline without one fails now, not after retries."""
-    for filename in filenames:
-        cached = huggingface_hub.try_to_load_from_cache(repo_id, filename)
-        if isinstance(cached, str):
-            return lambda: cached
+    """A cached file is used as is (no network); offline, or with no route to the hub, a missing file
+    fails now, not after retries."""
+    cached = cached_hub_file(repo_id, filenames)
+    if cached is not None:
+        return lambda: cached
     if _hub_offline():
         raise ValueError(f"the weights of teacher {label} ({repo_id}) are not in the Hugging Face cache and "
                          f"the hub is offline (HF_HUB_OFFLINE). Download them on a machine with internet "
                          f"access and pass the local file with {WEIGHTS_FLAG} PATH")
+    if not hub_reachable():
+        raise ValueError(f"the weights of teacher {label} ({repo_id}) are not in the Hugging Face cache and "
+                         f"the hub ({huggingface_hub.constants.ENDPOINT}) cannot be reached from this machine. "
+                         f"Download them on a machine with internet access and pass the local file with "
+                         f"{WEIGHTS_FLAG} PATH (and set HF_HUB_OFFLINE=1 on machines without internet)")
     return lambda: _download(repo_id, filenames, label)
 
 

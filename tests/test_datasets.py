@@ -84,8 +84,11 @@ def test_image_folder_and_file_list_agree(image_root, tmp_path):
 
 
 def test_split_subdirectory(image_root, tmp_path):
-    # No data_path/val: fall back to data_path itself.
-    assert build_dataset(str(image_root), None, split='val').classes == ['a_dark', 'b_bright']
+    # No data_path/train: train on data_path itself; but no data_path/val is never "evaluate on the training
+    # images" (issue 11, item 6).
+    assert build_dataset(str(image_root), None, split='train').classes == ['a_dark', 'b_bright']
+    with pytest.raises(FileNotFoundError, match='val'):
+        build_dataset(str(image_root), None, split='val')
     (tmp_path / 'imagenet').mkdir()
     os.rename(image_root, tmp_path / 'imagenet' / 'train')
     ds = build_dataset(str(tmp_path / 'imagenet'), None, split='train')
@@ -240,3 +243,20 @@ def test_finetune_transforms():
     train = build_finetune_transform(True, 32, None, 'rand-m9-mstd0.5-inc1', 0.25, 'pixel', 1)
     out = train(img)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize('mode', ['I;16', 'I'])
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path, mode):
+    """Pillow's own I;16 -> RGB clips every value above 255: a 16-bit photograph came out almost white
+    (issue 11, item 9). A ramp over the 16-bit range must keep its shape, scaled to 8 bits."""
+    ramp = np.linspace(0, 65535, 64 * 8).round().astype(np.uint16).reshape(8, 64)
+    img = Image.fromarray(ramp)  # I;16
+    path = str(tmp_path / ('ramp.png' if mode == 'I;16' else 'ramp.tif'))
+    (img if mode == 'I;16' else img.convert('I')).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == mode
+    ds = RobustImageDataset([(path, 0)], None)
+    rgb = np.asarray(ds[0][0])
+    assert rgb.dtype == np.uint8 and rgb.shape == (8, 64, 3)
+    np.testing.assert_array_equal(rgb[..., 0], (ramp >> 8).astype(np.uint8))
+    assert (rgb[..., 0] == rgb[..., 2]).all() and 126 <= rgb.mean() <= 129  # grey, mid-range, not white

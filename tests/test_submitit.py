@@ -9,10 +9,12 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import signal
 import sys
 
 import cloudpickle
+import huggingface_hub
 import pytest
 
 import engine
@@ -45,6 +47,14 @@ def local_launch(job_dir, *flags):
     return ["pretrain", "--local", "--ngpus", "0", "--timeout", "20", "--job_dir", str(job_dir), *flags]
 
 
+def with_val(data_dir, tmp_path):
+    """The shared tiny data (train/ only) plus a val/ copy: what fine-tuning needs."""
+    data = tmp_path / "labelled"
+    shutil.copytree(os.path.join(data_dir, "train"), data / "train")
+    shutil.copytree(os.path.join(data_dir, "train"), data / "val")
+    return str(data)
+
+
 def latest(out):
     return checkpoint.load(os.path.join(out, checkpoint.LATEST))
 
@@ -55,21 +65,42 @@ def job_logs(job_dir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir, teacher_file):
-    """A whole local job, output dir defaulting to the job dir (%j -> the job id)."""
+    """A whole local job, output dir defaulting to the job dir up to %j."""
     root = tmp_path_factory.mktemp("uninterrupted")
     code = launch.run(local_launch(root / "%j", "--", *train_argv(data_dir, teacher_file)))
-    outs = glob.glob(str(root / "*" / checkpoint.LATEST))
+    outs = glob.glob(str(root / "**" / checkpoint.LATEST), recursive=True)
     return code, root, [os.path.dirname(p) for p in outs]
 
 
 def test_local_job_completes_and_writes_its_checkpoint(uninterrupted):
     code, root, outs = uninterrupted
     assert code == 0
-    assert len(outs) == 1 and os.path.basename(outs[0]).isdigit()  # <job_dir>/<job id>/
+    assert outs == [str(root)]  # <job_dir> up to %j; the job's own folder holds only submitit's files
     state = latest(outs[0])
     assert (state["resume_epoch"], state["resume_step"]) == (2, 0)
     assert state["args"]["output_dir"] == outs[0]
     assert "Job completed successfully" in job_logs(root)
+    job_folders = [n for n in os.listdir(root) if os.path.isdir(root / n)]
+    assert len(job_folders) == 1 and job_folders[0].isdigit()  # and no folder literally named %j
+
+
+def test_resubmitting_the_same_command_resumes_from_the_last_checkpoint(tmp_path, data_dir, teacher_file, capsys):
+    """Issue 11, item 13: the README's `--job_dir .../%j` gave every submission a new output folder (two
+    runs, both from step 0); now the second submission continues the first one's run."""
+    def submit(epochs):
+        code = launch.run(local_launch(tmp_path / "%j", "--", *train_argv(data_dir, teacher_file, "--epochs", epochs)))
+        return code, capsys.readouterr().out
+
+    code, first = submit("1")
+    assert code == 0 and f"output {tmp_path}," in first and "resumes from" not in first
+    assert "progress log " in first and first.strip().splitlines()[0].endswith("_0_log.err")
+    code, second = submit("2")
+    assert code == 0 and f"output {tmp_path} (resumes from checkpoint-latest.pth)" in second
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "log.txt")] == [0, 1]
+    assert latest(tmp_path)["resume_epoch"] == 2
+    second_log = second.split("progress log ")[1].split()[0]
+    assert "resumed from" in open(second_log).read() and "training epochs 1..1" in open(second_log).read()
+    assert not any("%" in name for name in os.listdir(tmp_path))
 
 
 @dataclasses.dataclass
@@ -143,14 +174,15 @@ def test_slurm_submission_with_fake_sbatch(tmp_path, data_dir, capsys, monkeypat
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("mask_ratio: [0.6, 0.7]\ntop_k: [3, 5]\n")
-    assert launch.run(["pretrain", "--nodes", "2", "--partition", "learnlab", "--sweep", str(sweep),
+    assert launch.run(["pretrain", "--nodes", "2", "--partition", "learnlab", "--sweep", str(sweep), "--nodes_online",
                        "--job_dir", str(tmp_path / "jobs" / "%j"), "--data_path", data_dir]) == 0
     script = (tmp_path / "script.sh").read_text()
     assert "#SBATCH --array=0-3%4" in script and "#SBATCH --nodes=2" in script and "#SBATCH --gpus-per-node=8" in script
     assert f"export PYTHONPATH={slurm.REPO}" in script
     rows = json.load(open(tmp_path / "jobs" / "4242" / "sweep.json"))
     assert [r["job_id"] for r in rows] == ["4242_0", "4242_1", "4242_2", "4242_3"]
-    assert rows[3]["output_dir"] == str(tmp_path / "jobs" / "4242" / "mask_ratio=0.7,top_k=5")
+    assert rows[3]["output_dir"] == str(tmp_path / "jobs" / "mask_ratio=0.7,top_k=5")  # found by a resubmission
+    assert rows[3]["log"] == str(tmp_path / "jobs" / "4242" / "4242_3_0_log.err")  # where the progress goes
     assert rows[3]["overrides"] == {"mask_ratio": 0.7, "top_k": 5}
     assert "submitted pretrain job 4242_3 (mask_ratio=0.7,top_k=5)" in capsys.readouterr().out
 
@@ -178,7 +210,7 @@ def test_dry_run_prints_a_two_node_eight_gpu_job(tmp_path, data_dir, capsys, mon
     monkeypatch.setattr(launch, "submit", lambda *a: pytest.fail("dry run submitted"))
     code = launch.run(["pretrain", "--nodes", "2", "--ngpus", "8", "--timeout", "600", "--partition", "learnlab",
                        "--account", "vision", "--qos", "high", "--constraint", "volta32gb", "--comment", "ddl",
-                       "--slurm", "exclude=node07", "--job_dir", str(tmp_path / "%j"), "--dry_run",
+                       "--slurm", "exclude=node07", "--job_dir", str(tmp_path / "%j"), "--dry_run", "--nodes_online",
                        "--data_path", data_dir, "--batch_size", "128", "--device", "cuda"])  # no GPU here
     out = capsys.readouterr().out
     assert code == 0
@@ -189,7 +221,7 @@ def test_dry_run_prints_a_two_node_eight_gpu_job(tmp_path, data_dir, capsys, mon
                  "#SBATCH --mem=320GB", "nodes=2", "gpus_per_node=8", "ntasks_per_node=8", "time=600"):
         assert line in out, line
     assert "16 process(es)" in out
-    assert f"main_pretrain.py --data_path {data_dir} --batch_size 128 --device cuda --output_dir {tmp_path}/%j" in out
+    assert f"main_pretrain.py --data_path {data_dir} --batch_size 128 --device cuda --output_dir {tmp_path}\n" in out
     assert not os.listdir(tmp_path)
 
 
@@ -197,17 +229,17 @@ def test_sweep_dry_run_is_one_array(tmp_path, data_dir, capsys):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("- {mask_ratio: 0.6}\n- {mask_ratio: 0.7, align_cls: false}\n- {top_k: 3}\n")
     assert launch.run(["pretrain", "--dry_run", "--sweep", str(sweep), "--job_dir", str(tmp_path / "%j"),
-                       "--array_parallelism", "2", "--data_path", data_dir]) == 0
+                       "--array_parallelism", "2", "--nodes_online", "--data_path", data_dir]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --array=0-2%2" in out and f"--output={tmp_path}/%A/%A_%a_0_log.out" in out
-    assert f"--output_dir {tmp_path}/%A/mask_ratio=0.7,align_cls=false" in out and "--no-align_cls" in out
-    assert f"--output_dir {tmp_path}/%A/top_k=3" in out
+    assert f"--output_dir {tmp_path}/mask_ratio=0.7,align_cls=false" in out and "--no-align_cls" in out
+    assert f"--output_dir {tmp_path}/top_k=3" in out
 
 
 def test_without_slurm_it_says_what_to_do(tmp_path, data_dir, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch / srun
     monkeypatch.setattr(launch, "submit", lambda *a: pytest.fail("submitted without SLURM"))
-    assert launch.run(["pretrain", "--job_dir", str(tmp_path / "%j"), "--data_path", data_dir]) == 1
+    assert launch.run(["pretrain", "--job_dir", str(tmp_path / "%j"), "--data_path", data_dir, "--nodes_online"]) == 1
     err = capsys.readouterr().err
     assert "SLURM is not available" in err and "--local" in err and "--dry_run" in err
     assert "Traceback" not in err
@@ -293,7 +325,8 @@ def test_launcher_flags_do_not_shadow_training_flags(task):
 
 def test_linprobe_runs_main_finetune_with_linprobe(tmp_path, data_dir, capsys):
     pytest.importorskip("main_finetune")
-    assert launch.run(["linprobe", "--dry_run", "--job_dir", str(tmp_path / "%j"), "--data_path", data_dir,
+    data = with_val(data_dir, tmp_path)
+    assert launch.run(["linprobe", "--dry_run", "--job_dir", str(tmp_path / "%j"), "--data_path", data,
                        "--device", "cpu"]) == 0
     assert "python main_finetune.py --linprobe --data_path" in capsys.readouterr().out
 
@@ -332,3 +365,73 @@ def test_signal_policy_in_a_submitit_job():
             signals.uninstall()
     assert engine.StopSignals.actions == {signal.SIGUSR1: "save", signal.SIGTERM: "stop"}
     assert signal.getsignal(usr2) == signal.SIG_DFL
+
+
+def test_output_dir_is_the_job_dir_up_to_its_first_job_tag():
+    assert launch.stable_output_dir("/ckpt/u/maskalign/ma_b16/%j") == "/ckpt/u/maskalign/ma_b16"
+    assert launch.stable_output_dir("/ckpt/u/run_%A/%a/logs") == "/ckpt/u"
+    assert launch.stable_output_dir("/ckpt/u/fixed") == "/ckpt/u/fixed"
+
+
+def dry_run(tmp_path, task, *argv):
+    return launch.run([task, "--dry_run", "--job_dir", str(tmp_path / "jobs" / "%j"), *argv])
+
+
+def test_teacher_and_checkpoint_files_are_checked_before_submitting(tmp_path, data_dir, teacher_file, capsys,
+                                                                    monkeypatch):
+    """Issue 11, item 12: what used to die at start-up after waiting in the queue is refused at once."""
+    monkeypatch.setattr(launch, "submit", lambda *a: pytest.fail("submitted"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
+    missing = str(tmp_path / "ViT-B-16.pt")
+    for argv, message in [
+        (["pretrain", "--data_path", data_dir, "--teacher_weights", missing],
+         f"--teacher_weights {missing}: no such file"),
+        # a hub tag and no --teacher_weights: the nodes are assumed offline and nothing is cached here
+        (["pretrain", "--data_path", data_dir], "takes its weights from the Hugging Face hub (timm/vit_base"),
+        (["finetune", "--data_path", with_val(data_dir, tmp_path), "--finetune", missing],
+         f"--finetune {missing} does not exist"),
+    ]:
+        if argv[0] == "pretrain" and "--teacher_weights" not in argv:
+            argv += ["--teacher", "timm:vit_base_patch16_clip_224.openai"]
+        with pytest.raises(SystemExit) as exc:
+            dry_run(tmp_path, *argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        if "hub" in message:
+            assert "--teacher_weights PATH" in err and "--nodes_online" in err
+    assert not (tmp_path / "jobs").exists()
+
+
+def test_what_may_pass_the_checks(tmp_path, data_dir, teacher_file, capsys, monkeypatch):
+    import maskalign.teachers as teachers
+    monkeypatch.setattr(launch, "submit", lambda *a: pytest.fail("submitted"))
+    hub_teacher = ["--teacher", "timm:vit_base_patch16_clip_224.openai"]
+    assert dry_run(tmp_path, "pretrain", "--data_path", data_dir, *hub_teacher, "--nodes_online") == 0
+    assert dry_run(tmp_path, "pretrain", "--demo") == 0  # the demo writes its own teacher file
+    monkeypatch.setattr(teachers, "cached_hub_file", lambda repo_id, filenames: "/hf/cache/model.safetensors")
+    assert dry_run(tmp_path, "pretrain", "--data_path", data_dir, *hub_teacher) == 0
+    assert "the Hugging Face cache's /hf/cache/model.safetensors; the compute nodes must see" in capsys.readouterr().out
+    # a checkpoint that an earlier job writes: not there yet, and the job waits for that one
+    ckpt = str(tmp_path / "pretrain" / "checkpoint-199.pth")
+    assert dry_run(tmp_path, "finetune", "--after", "4242", "--data_path", with_val(data_dir, tmp_path),
+                   "--finetune", ckpt, "--resume", ckpt + ".ft") == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --dependency=afterok:4242" in out and f"--finetune {ckpt}" in out
+    with pytest.raises(SystemExit) as exc:
+        launch.run(["finetune", "--local", "--after", "4242"])
+    assert exc.value.code == 2
+
+
+def test_jobs_get_the_offline_environment(tmp_path, data_dir, teacher_file, capsys, monkeypatch):
+    """HF_HUB_OFFLINE (and the cache locations) go into the job script, not only into this shell."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", "/shared/hf home")
+    argv = ["pretrain", "--data_path", data_dir, "--teacher", "timm:vit_tiny_patch16_224", "--teacher_weights",
+            teacher_file]
+    assert dry_run(tmp_path, *argv) == 0
+    script = capsys.readouterr().out
+    assert "export HF_HUB_OFFLINE=1\n" in script and "export HF_HOME='/shared/hf home'\n" in script
+    assert dry_run(tmp_path, *argv, "--nodes_online") == 0
+    script = capsys.readouterr().out
+    assert "HF_HUB_OFFLINE" not in script and "export HF_HOME=" in script

@@ -1,6 +1,7 @@
 """Teachers on tiny random models: outputs against each library's own forward, loading, errors."""
 import copy
 import json
+import socket
 import time
 import warnings
 
@@ -401,6 +402,43 @@ def online(monkeypatch):
     """Pretend the hub is reachable; each test provides its own hf_hub_download."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(teachers, "hub_reachable", lambda: True)
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    """No network, whatever this machine has: every TCP connection attempt is recorded and refused."""
+    attempts = []
+
+    def refuse(address, timeout=None):
+        attempts.append((address, timeout))
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts
+
+
+@pytest.mark.parametrize("spec, weights", [("open_clip:ViT-B-16", "openai"), ("facebook/dino-vitb16", None)])
+def test_unreachable_hub_fails_fast_with_the_advice(empty_hub_cache, monkeypatch, connections, spec, weights):
+    """Without HF_HUB_OFFLINE a machine with no internet took 28 s of retries, printing every warning twice
+    (issue 11, item 14): one connection attempt with a short timeout now decides, before any download."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("download attempted"))
+    with pytest.raises(ValueError, match=r"cannot be reached from this machine.*--teacher_weights PATH.*HF_HUB_OFF"):
+        build_teacher(spec, 224, 16, weights=weights)
+    host = huggingface_hub.constants.ENDPOINT.split("://")[1].split("/")[0]
+    assert connections == [((host, 443), teachers.HUB_CONNECT_TIMEOUT_S)] and teachers.HUB_CONNECT_TIMEOUT_S <= 5
+
+
+def test_hub_reachability_goes_through_the_https_proxy(monkeypatch, connections):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
+    assert teachers.hub_reachable() is False
+    assert connections[-1][0] == ("proxy.example.org", 3128)
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: open(__file__))
+    assert teachers.hub_reachable() is True
 
 
 @pytest.mark.parametrize("spec, weights", [("open_clip:ViT-B-16", "openai"), ("facebook/dino-vitb16", None)])

@@ -6,16 +6,19 @@ Validation happens here, before any model is built, and fails with exit code 2.
 """
 import argparse
 import ast
+import copy
 import os
 import re
 import sys
+import tempfile
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from maskalign.alignment import ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS
-from maskalign.masking import MASK_TYPES
-from maskalign.teachers import resolve_teacher_spec
+from maskalign.masking import MASK_TYPES, num_visible
+from maskalign.teachers import RANDOM_WEIGHTS, is_hub_tag, resolve_teacher_spec
+from util.data import check_data_root, count_classes
 from util.recipes import Recipe
 
 AMP_CHOICES = ("bf16", "fp16", "none")
@@ -34,6 +37,17 @@ def _top_k(value: str) -> int:
     return int(match.group(1))
 
 
+def _fusion_type(value: str) -> str:
+    """The reference code's --fusion_type names for our --align forms ('sum' has no counterpart here)."""
+    forms = {"linear": "official", "simple": "layerwise"}
+    if value in ALIGN_FORMS:  # our own names pass: a recipe's `align` default reaches this flag too (same dest)
+        return value
+    if value not in forms:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose linear = --align official, or "
+                                         f"simple = --align layerwise)")
+    return forms[value]
+
+
 class ParseKwargs(argparse.Action):
     """`KEY=VALUE ...` into a dict; values are Python literals where they parse (6, 0.1, True), else strings."""
 
@@ -50,14 +64,44 @@ class ParseKwargs(argparse.Action):
         setattr(namespace, self.dest, kwargs)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown; description and epilog (the recipe list) keep their line breaks."""
+_STATES_DEFAULT = re.compile(r"\(default|default:|by default", re.IGNORECASE)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with every option's default exactly once: appended unless the help text already states it,
+    also for options without help text (argparse shows nothing for them). A switch says whether it is on by
+    default (argparse would print its destination's value: True for --cls_token, which is off). Description
+    and epilog (the recipe list) keep their line breaks."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if not action.help and _shows_default(action):
+            action = copy.copy(action)  # the parser's own action keeps its (empty) help
+            action.help = f"(default: {_default_text(action)})"
+        super().add_argument(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not _shows_default(action) or _STATES_DEFAULT.search(text):
+            return text
+        return f"{text} (default: {_default_text(action)})"
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    return bool(action.option_strings) and action.default is not argparse.SUPPRESS
+
+
+def _default_text(action: argparse.Action) -> str:
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return "on" if action.default else "off"
+    if action.nargs == 0:  # store_true / store_false / store_const
+        return "on" if action.default == action.const else "off"
+    return "not set" if action.default in (None, "") else "%(default)s"
 
 
 def new_parser(description: str) -> argparse.ArgumentParser:
     """The parser of every entry point. Abbreviations are off: `--linprob` must be an error, not a silent
     `--linprobe` that skips the presets `parse` applies for the full switch."""
-    return argparse.ArgumentParser(description=description, allow_abbrev=False, formatter_class=_HelpFormatter)
+    return argparse.ArgumentParser(description=description, allow_abbrev=False, formatter_class=HelpFormatter)
 
 
 def add_recipe_arg(parser: argparse.ArgumentParser, recipes: dict[str, Recipe]) -> None:
@@ -110,7 +154,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epoch
     g.add_argument("--print_freq", type=int, default=20)
 
     g = parser.add_argument_group("runtime")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda where available, else cpu)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dist_timeout_min", type=int, default=30, help="collective timeout before ranks give up")
     # torch.distributed.launch (and older MAE scripts) pass this; torchrun's LOCAL_RANK is what we read
@@ -128,16 +173,17 @@ def add_maskalign_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher_weights", default=None,
                    help="local teacher weights file (or an open_clip pretrained tag); needed offline")
     g.add_argument("--mask_type", type=_alias({"attention": "attentive"}), choices=MASK_TYPES,
-                   default="attentive", help="[random | attention]")
+                   default="attentive", help="which patches the student sees: random, or attentive (sampled by "
+                                             "the teacher's [CLS] attention) [attention = attentive]")
     g.add_argument("--mask_ratio", type=float, default=0.7, help="share of patches the student does not see")
     g.add_argument("--top_k", "--loss_weights", dest="top_k", type=_top_k, default=5,
                    help="align the last K teacher blocks [--loss_weights topK]")
     g.add_argument("--align", dest="align", choices=ALIGN_FORMS, default="dynamic",
                    help="dynamic = eq. (1); official = the reference code's mix-then-adapt; layerwise = no W")
     # The reference code's `--fusion_type linear` mixes with W, then adapts: our `official` form.
-    g.add_argument("--fusion_type", dest="align", choices=ALIGN_FORMS, default=argparse.SUPPRESS,
-                   type=_alias({"linear": "official", "simple": "layerwise"}),
-                   help="reference-code name: linear = --align official, simple = --align layerwise")
+    g.add_argument("--fusion_type", dest="align", default=argparse.SUPPRESS, type=_fusion_type,
+                   metavar="{linear,simple}",
+                   help="the reference code's name for --align: linear = official, simple = layerwise")
     g.add_argument("--adaptor", "--head_type", dest="adaptor", choices=ADAPTORS, default="linear")
     g.add_argument("--target_norm", type=_alias({"whiten": "ln"}), choices=TARGET_NORMS, default="ln",
                    help="per-token target normalisation [whiten = ln]")
@@ -147,20 +193,39 @@ def add_maskalign_args(parser: argparse.ArgumentParser) -> None:
                    help="also align the [CLS] token")
 
 
+PATCH_SIZE = 16  # every student and fine-tuning ViT here is /16 unless --model_kwargs patch_size=... says otherwise
+
+
 def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Fill derived defaults and reject inconsistent flags (exit code 2) before anything heavy runs."""
+    patch = _patch_size(args)
     checks = [
         (args.batch_size >= 1, "--batch_size must be >= 1"),
         (args.epochs >= 1, "--epochs must be >= 1"),
+        (0 <= args.start_epoch < args.epochs,
+         f"--start_epoch {args.start_epoch} must be in [0, --epochs {args.epochs}): no epoch would run"),
         (args.accum_iter >= 1, "--accum_iter must be >= 1"),
-        (args.input_size % 16 == 0, f"--input_size {args.input_size} must be a multiple of the patch size 16"),
+        (args.lr is None or args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (args.blr > 0, f"--blr must be > 0, got {args.blr}"),
+        (args.min_lr >= 0, f"--min_lr must be >= 0, got {args.min_lr}"),
+        (args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}"),
+        (args.clip_grad is None or args.clip_grad > 0,
+         f"--clip_grad is the largest gradient norm allowed and must be > 0, got {args.clip_grad} "
+         f"(leave the flag out to train without clipping)"),
+        (args.warmup_epochs is None or args.warmup_epochs >= 0,
+         f"--warmup_epochs must be >= 0, got {args.warmup_epochs}"),
+        (0.0 <= args.drop_path < 1.0, f"--drop_path is a probability and must be in [0, 1), got {args.drop_path}"),
+        (args.input_size > 0 and args.input_size % patch == 0,
+         f"--input_size {args.input_size} must be a positive multiple of the patch size {patch}"),
+        (args.num_workers >= 0,
+         f"--num_workers must be >= 0 (0 loads data in the main process), got {args.num_workers}"),
+        (args.print_freq >= 1, f"--print_freq must be >= 1 (log every N steps), got {args.print_freq}"),
         (0.0 <= args.max_bad_fraction <= 1.0, "--max_bad_fraction must be in [0, 1]"),
         (args.save_interval_min >= 0, "--save_interval_min must be >= 0"),
         (args.save_freq >= 1, "--save_freq must be >= 1"),
         (not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device} asked for but CUDA is not available; use --device cpu"),
         (args.amp != "fp16" or args.device.startswith("cuda"), "--amp fp16 needs CUDA; use bf16 or none"),
-        (args.data_path is None or os.path.exists(args.data_path), f"--data_path {args.data_path} does not exist"),
         (args.file_list is None or os.path.isfile(args.file_list), f"--file_list {args.file_list} does not exist"),
         (not args.resume or os.path.isfile(args.resume), f"--resume {args.resume} does not exist"),
     ]
@@ -170,11 +235,13 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    if hasattr(args, "mask_ratio"):
+        _check_visible_patches(parser, args, patch)
+    if args.data_path is not None:
+        _check_data(parser, args)
+    _check_output_dir(parser, args.output_dir)
     if hasattr(args, "teacher"):
-        try:
-            resolve_teacher_spec(args.teacher, args.teacher_weights)
-        except ValueError as e:
-            parser.error(str(e))
+        _check_teacher(parser, args.teacher, args.teacher_weights)
     if args.amp is None:
         args.amp = "bf16" if args.device.startswith("cuda") else "none"
     if args.warmup_epochs is None:
@@ -182,6 +249,117 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
     if args.log_dir is None:
         args.log_dir = args.output_dir
     return args
+
+
+def _patch_size(args: argparse.Namespace) -> int:
+    patch = getattr(args, "model_kwargs", {}).get("patch_size", PATCH_SIZE)
+    return patch if isinstance(patch, int) and patch > 0 else PATCH_SIZE  # a bad value is reported by check_model
+
+
+def _check_visible_patches(parser: argparse.ArgumentParser, args: argparse.Namespace, patch: int) -> None:
+    """MAE keeps int(N * (1 - mask_ratio)) patches: with few patches that can be none at all."""
+    num_patches = (args.input_size // patch) ** 2
+    if num_visible(num_patches, args.mask_ratio) < 1:
+        parser.error(f"--mask_ratio {args.mask_ratio} at --input_size {args.input_size} leaves the student "
+                     f"int({num_patches} x (1 - {args.mask_ratio})) = 0 of {num_patches} patches to see; "
+                     f"lower --mask_ratio or raise --input_size")
+
+
+def _check_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        check_data_root(args.data_path, "train", args.file_list)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+
+
+def _check_output_dir(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    """The run must be able to create its directory and write checkpoints into it; finding out after the
+    first epoch would lose that epoch. A real write, because permission bits say nothing about read-only
+    file systems, nor about what root may do."""
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        parser.error(f"--output_dir {output_dir}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        parser.error(f"--output_dir {output_dir}: cannot write in {existing} ({e.strerror}); "
+                     f"choose another --output_dir")
+
+
+def _check_teacher(parser: argparse.ArgumentParser, teacher: str, weights: Optional[str]) -> None:
+    """A teacher spec that resolves, and weights that are a file, a hub tag or 'random' (a missing file
+    would otherwise surface only after the data is listed, or after a SLURM queue)."""
+    try:
+        spec = resolve_teacher_spec(teacher, weights)
+    except ValueError as e:
+        parser.error(str(e))
+    if spec.weights in (None, RANDOM_WEIGHTS) or os.path.isfile(spec.weights) or is_hub_tag(spec):
+        return
+    given = f"--teacher_weights {weights}" if weights else f"--teacher {teacher}"
+    parser.error(f"{given}: no such file" + (f" and not a pretrained tag of open_clip's {spec.model_name}"
+                                             if spec.library == "open_clip" else ""))
+
+
+def check_model(parser: argparse.ArgumentParser, args: argparse.Namespace, build: Callable[[], torch.nn.Module],
+                set_by_flags: dict[str, str]) -> None:
+    """--model_kwargs against the architecture, before any real model exists: a key that a flag owns is
+    refused, then `build()` runs on the meta device (no memory, no weights, no teacher), so an unknown key,
+    a wrong type (depth=abc) or an impossible shape fails here with exit code 2."""
+    for key in args.model_kwargs:
+        if key in set_by_flags:
+            parser.error(f"--model_kwargs {key}=...: {set_by_flags[key]}")
+    try:
+        with torch.device("meta"):
+            build()
+    except Exception as e:  # the constructor's own message names the argument; it is the user's input
+        given = " ".join(f"{k}={v}" for k, v in args.model_kwargs.items())
+        parser.error(f"--model {args.model}" + (f" with --model_kwargs {given}" if given else "")
+                     + f" cannot be built: {type(e).__name__}: {e}")
+
+
+def resolve_classification(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fine-tuning, linear probing and --eval: an existing --finetune file, a validation set that is not the
+    training set, and --nb_classes that fits the data (inferred from it when not given)."""
+    if args.finetune and not os.path.isfile(args.finetune):
+        parser.error(f"--finetune {args.finetune} does not exist")
+    if args.val_file_list is not None and not os.path.isfile(args.val_file_list):
+        parser.error(f"--val_file_list {args.val_file_list} does not exist")
+    if args.data_path is None:
+        return
+    if args.val_file_list is None and not os.path.isdir(os.path.join(args.data_path, "val")):
+        parser.error(f"--data_path {args.data_path} has no val/ folder. Every epoch is evaluated on "
+                     f"<data_path>/val/<class>/<image> (MAE's layout); add that folder or give "
+                     f"--val_file_list FILE ('relative/path label' lines, paths relative to --data_path)")
+    try:
+        check_data_root(args.data_path, "val", args.val_file_list)
+        num_classes = _class_count(args)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    if args.nb_classes is None:
+        args.nb_classes = num_classes
+    elif args.nb_classes < num_classes:
+        parser.error(f"--nb_classes {args.nb_classes} is smaller than the {num_classes} classes in "
+                     f"{args.data_path}; leave it out to use the data's count")
+    elif args.nb_classes > num_classes and os.environ.get("RANK", "0") == "0":
+        print(f"warning: --nb_classes {args.nb_classes} but {args.data_path} has {num_classes} classes; "
+              f"{args.nb_classes - num_classes} outputs of the head will never be trained", file=sys.stderr)
+
+
+def _class_count(args: argparse.Namespace) -> int:
+    """Classes of train and val together; two ImageFolders must name the same classes, since each numbers
+    its own sorted folders and a class missing on one side would shift every label after it."""
+    val, val_names = count_classes(args.data_path, "val", args.val_file_list)
+    if args.eval:  # the training set plays no part
+        return val
+    train, train_names = count_classes(args.data_path, "train", args.file_list)
+    if train_names is not None and val_names is not None and train_names != val_names:
+        only_train, only_val = sorted(set(train_names) - set(val_names)), sorted(set(val_names) - set(train_names))
+        raise ValueError(f"the class folders of the training and validation sets differ (only in training: "
+                         f"{only_train[:5]}, only in val/: {only_val[:5]}), so their labels would not match")
+    return max(train, val)
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,

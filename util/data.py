@@ -11,6 +11,7 @@ import multiprocessing
 import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
@@ -20,7 +21,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 __all__ = [
     'IMAGENET_DEFAULT_MEAN', 'IMAGENET_DEFAULT_STD', 'TooManyBadSamplesError', 'RobustImageDataset',
     'build_pretrain_transform', 'build_finetune_transform', 'build_linprobe_transform', 'eval_resize_size',
-    'TFRandomResizedCrop', 'build_dataset',
+    'TFRandomResizedCrop', 'build_dataset', 'check_data_root', 'count_classes',
 ]
 
 logger = logging.getLogger('maskalign.data')
@@ -37,7 +38,14 @@ _MIN_ATTEMPTS_FOR_CHECK = 100
 
 
 class TooManyBadSamplesError(RuntimeError):
-    """More than ``max_bad_fraction`` of the loaded images were unreadable."""
+    """More than ``max_bad_fraction`` of the loaded images were unreadable, or too many in a row."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's error comes back as this type with the worker's traceback in the message;
+        # the run reports it as one line, so keep only the original message (the traceback's last line).
+        if message.startswith('Caught ') and 'Traceback' in message:
+            message = message.rstrip().splitlines()[-1].split(': ', 1)[-1]
+        super().__init__(message)
 
 
 def build_pretrain_transform(input_size: int, scale: Tuple[float, float] = (0.2, 1.0)) -> transforms.Compose:
@@ -139,7 +147,20 @@ def _load_rgb(path: str) -> Image.Image:
     """Open and fully decode an image; PIL is lazy, so ``convert`` forces the
     decode here, where failures are caught, instead of inside the transform."""
     with open(path, 'rb') as f:
-        return Image.open(f).convert('RGB')
+        return _to_rgb(Image.open(f))
+
+
+# 16-bit grey PNGs open as I;16 (or I on older Pillow); also the 32-bit I mode, read as 16-bit samples.
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB. Pillow's own I;16 -> RGB conversion clips every value above 255, which turns a 16-bit
+    photograph almost white; keep the high byte instead (0..65535 -> 0..255)."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        high_byte = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
+        img = Image.fromarray(high_byte.astype(np.uint8))
+    return img.convert('RGB')
 
 
 class RobustImageDataset(torch.utils.data.Dataset):
@@ -205,8 +226,9 @@ class RobustImageDataset(torch.utils.data.Dataset):
             with self._lock:
                 self._num_attempted.value += 1
             return img, target
-        raise RuntimeError(f'{_MAX_CONSECUTIVE_FAILURES} consecutive images failed to load starting at '
-                           f'index {index} (last: {path}); is the data directory readable?')
+        # TooManyBadSamplesError: the training loop stops every rank on it with one line and exit code 1
+        raise TooManyBadSamplesError(f'{_MAX_CONSECUTIVE_FAILURES} consecutive images failed to load starting at '
+                                     f'index {index} (last: {path}); is the data directory readable?')
 
     def _record_bad(self, path: str, error: Exception) -> None:
         reason = f'{type(error).__name__}: {error}'
@@ -236,7 +258,7 @@ def _scan_image_folder(root: str) -> Tuple[List[Sample], List[str]]:
     """ImageFolder layout ``root/<class>/<image>``; label = index of the sorted class name."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f'Image directory not found: {root}')
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = _class_dirs(root)
     if not classes:
         raise ValueError(f'No class sub-directories in {root} (expected root/<class>/<image>)')
     samples = [(path, label) for label, name in enumerate(classes)
@@ -268,16 +290,64 @@ def _read_file_list(file_list: str, root: str) -> List[Sample]:
     return samples
 
 
+def split_root(data_path: str, split: Optional[str]) -> str:
+    """``data_path/split`` if that folder exists (MAE's ``--data_path /imagenet`` + ``train/``), else
+    ``data_path``, but only for the training split: evaluating on the training images, as if they were a
+    validation set, would report a meaningless accuracy without any sign of it."""
+    if split is None:
+        return data_path
+    root = os.path.join(data_path, split)
+    if os.path.isdir(root) or split != 'train':
+        return root
+    return data_path
+
+
 def build_dataset(data_path: str, transform: Optional[Callable], split: Optional[str] = None,
                   file_list: Optional[str] = None, max_bad_fraction: float = 0.01) -> RobustImageDataset:
-    """Dataset from a file list (paths relative to ``data_path``), else from the
-    ImageFolder at ``data_path/split`` if that exists (MAE's ``--data_path
-    /imagenet`` + ``train/``), else from the ImageFolder at ``data_path``."""
+    """Dataset from a file list (paths relative to ``data_path``), else from the ImageFolder at
+    :func:`split_root` (``data_path/train`` or ``data_path`` for training; ``data_path/<split>`` otherwise)."""
     if file_list is not None:
         return RobustImageDataset(_read_file_list(file_list, data_path), transform,
                                   max_bad_fraction=max_bad_fraction)
-    root = data_path
-    if split is not None and os.path.isdir(os.path.join(data_path, split)):
-        root = os.path.join(data_path, split)
-    samples, classes = _scan_image_folder(root)
+    samples, classes = _scan_image_folder(split_root(data_path, split))
     return RobustImageDataset(samples, transform, classes=classes, max_bad_fraction=max_bad_fraction)
+
+
+def _class_dirs(root: str) -> List[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir())
+
+
+def check_data_root(data_path: str, split: Optional[str] = 'train', file_list: Optional[str] = None) -> None:
+    """Cheap start-up check (no image is opened, the listing stops at the first image found): raises
+    ValueError naming what is wrong with ``data_path``."""
+    if not data_path:
+        raise ValueError('--data_path is empty; give the folder that holds the images (or train/ and val/)')
+    if not os.path.isdir(data_path):
+        problem = 'is a file, not a directory' if os.path.exists(data_path) else 'does not exist'
+        raise ValueError(f'--data_path {data_path} {problem}; it must be a directory of images')
+    if file_list is not None:
+        return
+    root = split_root(data_path, split)
+    if not os.path.isdir(root):
+        raise ValueError(f'{root} does not exist')
+    classes = _class_dirs(root)
+    if not classes:
+        raise ValueError(f'{root} has no class sub-directories (expected {root}/<class>/<image>)')
+    if not any(_has_image(os.path.join(root, name)) for name in classes):
+        raise ValueError(f'{root} has no images with extensions {", ".join(IMG_EXTENSIONS)}')
+
+
+def _has_image(class_dir: str) -> bool:
+    for _, _, filenames in os.walk(class_dir, followlinks=True):
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in filenames):
+            return True
+    return False
+
+
+def count_classes(data_path: str, split: str, file_list: Optional[str] = None) -> Tuple[int, Optional[List[str]]]:
+    """(number of classes, class names) of a split without opening images: the sorted class folders of an
+    ImageFolder, or the largest label + 1 of a file list (names None)."""
+    if file_list is not None:
+        return max(label for _, label in _read_file_list(file_list, data_path)) + 1, None
+    classes = _class_dirs(split_root(data_path, split))
+    return len(classes), classes

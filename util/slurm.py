@@ -79,6 +79,9 @@ def entry_point(task: str) -> Any:
         raise ValueError(f"task {task!r} needs {TASKS[task].module}.py, which is not in {REPO}") from e
 
 
+JOB_TAGS = ("%j", "%A", "%a")
+
+
 def expand_job_tags(text: str, job_id: str) -> str:
     """SLURM's filename tags: %j the job id (`123` or `123_4` in an array), %A the array id, %a the index."""
     array_id, _, index = job_id.partition("_")
