@@ -200,7 +200,7 @@ def test_demo_preset_prepares_data_and_trains_the_teacher(tmp_path, monkeypatch)
     argv = ["--demo", "--output_dir", str(tmp_path), "--epochs", "1", "--batch_size", "8", "--vis_freq", "0"]
     args = main_pretrain.parse_args(argv)
     assert (args.model, args.input_size, args.device, args.teacher) == (
-        "maskalign_vit_tiny_patch16", 32, "cpu", util.demo.TEACHER_SPEC)
+        "maskalign_vit_tiny_patch16", 32, "cpu", util.demo.DEMO_TEACHER)
     assert main_pretrain.run(argv) == 0
     assert sorted(os.listdir(tmp_path / "demo_data" / "train")) == [str(d) for d in range(10)]  # the digits
     assert len(os.listdir(tmp_path / "demo_data" / "val" / "7")) == 3

@@ -36,12 +36,12 @@ VAL_FRACTION = 0.2
 TEACHER_TIMM = "vit_tiny_patch16_224"
 TEACHER_ARCH = dict(patch_size=PATCH_SIZE, depth=4, embed_dim=64, num_heads=2)
 STUDENT_ARCH = dict(patch_size=PATCH_SIZE, depth=4, embed_dim=64, num_heads=2)
-TEACHER_SPEC = f"timm:{TEACHER_TIMM}"
+DEMO_TEACHER = f"timm:{TEACHER_TIMM}"
 TEACHER_EPOCHS = 30
 
 # main_pretrain.py --demo: the demo's pre-training settings (other flags still win).
 DEMO_DEFAULTS = dict(
-    model="maskalign_vit_tiny_patch16", model_kwargs=STUDENT_ARCH, teacher=TEACHER_SPEC,
+    model="maskalign_vit_tiny_patch16", model_kwargs=STUDENT_ARCH, teacher=DEMO_TEACHER,
     teacher_kwargs={**TEACHER_ARCH, "img_size": IMAGE_SIZE}, input_size=IMAGE_SIZE, batch_size=64, epochs=20,
     warmup_epochs=2, blr=4e-3, top_k=3, drop_path=0.0, num_workers=0, save_freq=1000, print_freq=1000, device="cpu",
 )
@@ -158,7 +158,7 @@ def prepare_demo(args: argparse.Namespace, dry: bool = False) -> None:
         args.data_path = os.path.join(args.output_dir, "demo_data")
         if not dry:
             prepare_demo_data(args.data_path, args.seed)
-    if args.teacher_weights is None and args.teacher == TEACHER_SPEC:
+    if args.teacher_weights is None and args.teacher == DEMO_TEACHER:
         args.teacher_weights = os.path.join(args.output_dir, "demo_teacher.pth")
         if not dry:
             prepare_demo_teacher(args.teacher_weights, args.data_path)
