@@ -16,7 +16,7 @@ test: setup
 	$(PYTHON) -m pytest -q tests
 
 demo: setup
-	$(PYTHON) main_pretrain.py --demo --output_dir demo_output
+	$(PYTHON) demo.py --output_dir demo_output
 
 clean:
 	rm -rf demo_output .pytest_cache

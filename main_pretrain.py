@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=8 main_pretrain.py --data_path /imagenet --output_dir out \
         --teacher openai/clip-vit-base-patch16 --teacher_weights /ckpt/ViT-B-16.pt
-    python main_pretrain.py --demo          # embedded default: CPU, small real images, a few minutes
+    python main_pretrain.py --demo          # the demo's pre-training: CPU, shipped digits, a trained small teacher
 """
 import argparse
 import json
@@ -18,7 +18,7 @@ import models_maskalign
 from engine import Task, amp_dtype, fit, run_main, setup
 from util import args as cli
 from util.data import TrainData, build_train_data
-from util.demo import DEMO_DEFAULTS, prepare_demo_data, prepare_demo_teacher
+from util.demo import DEMO_DEFAULTS, prepare_demo
 from util.distributed import DistEnv, barrier
 from util.metrics import TensorboardWriter
 from util.optim import adamw, param_groups_weight_decay
@@ -37,7 +37,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_kwargs", nargs="*", action=cli.ParseKwargs, default={}, metavar="KEY=VALUE",
                         help="override the student architecture, e.g. depth=6 embed_dim=384 num_heads=6")
     parser.add_argument("--demo", action="store_true",
-                        help="embedded default run (CPU, shipped images, small teacher); other flags override it")
+                        help="the demo's pre-training (CPU, scikit-learn's digits, a small teacher trained on "
+                             "them first); other flags override it. `make demo` runs the whole comparison")
+    parser.add_argument("--vis_freq", type=int, default=5,
+                        help="tensorboard gets the DA heatmap, the masks and the teacher's attention every N "
+                             "epochs and at the last (0: never)")
     cli.add_training_args(parser, batch_size=128, epochs=200, blr=1.5e-4, drop_path=0.1, weight_decay=0.05,
                           warmup_epochs=None)
     cli.add_maskalign_args(parser)
@@ -84,35 +88,46 @@ def pretrain_forward(model, batch):
     return loss, {f"loss_level{i}": v for i, v in enumerate(level_losses.detach().float())}  # read lazily
 
 
-def prepare_demo(args: argparse.Namespace, env: DistEnv) -> None:
-    """Fill in what --demo leaves open: the shipped images and, for the demo teacher, its local weights."""
-    make_data = args.data_path is None
-    make_teacher = args.teacher_weights is None and args.teacher == DEMO_DEFAULTS["teacher"]
-    if make_data:
-        args.data_path = os.path.join(args.output_dir, "demo_data")
-    if make_teacher:
-        args.teacher_weights = os.path.join(args.output_dir, "demo_teacher.pth")
+def prepare_demo_inputs(args: argparse.Namespace, env: DistEnv) -> None:
+    """Fill in what --demo leaves open (the digits and the trained demo teacher); rank 0 makes them."""
     if env.is_main:
-        if make_data:
-            prepare_demo_data(args.data_path, args.seed)
-        if make_teacher:
-            prepare_demo_teacher(args.teacher_weights, args.seed)
-    barrier()  # the other ranks read what rank 0 wrote
+        prepare_demo(args)
+    barrier()
+    if not env.is_main:  # the same paths rank 0 filled in
+        prepare_demo(args, dry=True)
 
 
-def alignment_matrix_image(model: models_maskalign.MaskAlignViT) -> Optional[torch.Tensor]:
-    """1 x S x T image of W scaled to [0, 1] (None for layer-wise alignment, which has no W)."""
-    w = model.dynamic_align.weight
-    if w is None:
-        return None
-    w = w.detach().float().cpu()
-    return ((w - w.min()) / (w.max() - w.min() + 1e-12)).unsqueeze(0)
+def tensorboard_pictures(model: models_maskalign.MaskAlignViT, dataset, args: argparse.Namespace):
+    """end_of_epoch hook: every --vis_freq epochs (and at the last), a readable DA heatmap and the masks and
+    teacher's attention on a few fixed training images (visualize.py draws both; matplotlib takes ~1 s)."""
+    import visualize
+    samples = getattr(dataset, "samples", [])  # image files; shard members and in-memory data draw nothing
+    step = max(1, len(samples) // 16)
+    files = visualize.readable_images([path for path, _ in samples[::step] if isinstance(path, str)], 4)
+
+    def write(epoch: int, writer: TensorboardWriter) -> None:
+        due = args.vis_freq and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs)
+        if writer.writer is None or not due or not files:
+            return
+        was_training = model.training
+        if model.dynamic_align.weight is not None:
+            figure = visualize.alignment_figure(model.dynamic_align.weight, model.target_levels)
+            writer.image("dynamic_alignment_matrix", visualize.figure_to_chw(figure), (epoch + 1) * 1000)
+        images, pixels = visualize.load_images(files, args.input_size)
+        images = images.to(next(model.parameters()).device)
+        attention = visualize.teacher_attention(model.teacher, images).cpu()
+        attentive, random = visualize.sample_masks(attention, args.mask_ratio or 0.7, args.seed)
+        similarity = visualize.visible_similarity(model, images, attentive.to(images.device))
+        figure = visualize.overview_figure(pixels, attention, attentive, random, similarity, args.mask_ratio or 0.7)
+        writer.image("masks_and_attention", visualize.figure_to_chw(figure), (epoch + 1) * 1000)
+        model.train(was_training)
+    return write
 
 
 def main(args: argparse.Namespace) -> None:
     env, device = setup(args)
     if args.demo:
-        prepare_demo(args, env)
+        prepare_demo_inputs(args, env)
     if args.data_path is None:
         raise SystemExit("--data_path is required (or --demo for the embedded default run)")
     logger.info("args: %s", json.dumps(vars(args), sort_keys=True))
@@ -128,10 +143,10 @@ def make_task(args: argparse.Namespace, model: models_maskalign.MaskAlignViT, da
     model.teacher.set_compute_dtype(amp_dtype(args))
     optimizer = adamw(param_groups_weight_decay(model, args.weight_decay), args.blr, device, betas=(0.9, 0.95))
 
+    pictures = tensorboard_pictures(model, data.dataset, args)
+
     def end_of_epoch(epoch: int, writer: TensorboardWriter) -> dict:
-        image = alignment_matrix_image(model)
-        if image is not None:
-            writer.image("dynamic_alignment_matrix", image, (epoch + 1) * 1000)
+        pictures(epoch, writer)
         return {}
 
     return Task(model=model, forward_fn=pretrain_forward, dataset=PerSampleSeeded(data.dataset, args.seed),

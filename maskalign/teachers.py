@@ -29,7 +29,9 @@ original TorchScript ``.pt`` files such as ``ViT-B-16.pt``), an open_clip pretra
 spec's architecture, which is why the OpenAI aliases name the QuickGELU models. open_clip files hold
 the full CLIP state dict (open_clip's or OpenAI's; the text tower is dropped after loading), timm
 files the model's state dict (a classifier head is ignored; OpenAI/open_clip/DINOv2 layouts are
-converted by timm).
+converted by timm). Hugging Face `transformers` files (`CLIPModel` / `CLIPVisionModel` for CLIP,
+`ViTModel` for DINO; `.bin` or `.safetensors`) are converted on load (maskalign/hf_weights.py). A loaded
+file is logged as "loaded teacher weights from FILE (N tensors)".
 
 Hub weights come through the Hugging Face cache. Offline (``HF_HUB_OFFLINE=1``) only cached files
 can be used; anything else fails at once, asking for a local file via ``--teacher_weights``.
@@ -37,6 +39,7 @@ can be used; anything else fails at once, asking for a local file via ``--teache
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import urllib.parse
@@ -59,6 +62,10 @@ from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
+
+from maskalign import hf_weights
+
+logger = logging.getLogger("maskalign")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -553,13 +560,48 @@ def _open_clip_tags(model_name: str) -> str:
 def _load_open_clip_weights(model: nn.Module, path: str, label: str) -> None:
     try:
         state = _torchscript_state_dict(path)
-        if state is None:
+        hf_state = _hf_state(path, "clip") if state is None else None
+        if hf_state is not None:  # transformers' CLIP: the image tower alone
+            count = _load_open_clip_visual(model.visual, hf_weights.clip_to_open_clip_visual(hf_state))
+        elif state is None:
             open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+            count = len(model.state_dict())
         else:  # OpenAI's names are open_clip's names
             model.load_state_dict(state, strict=True)
+            count = len(state)
     except Exception as e:  # re-raised with the model and file, whatever the loader tripped on
-        raise ValueError(f"cannot load {path} into teacher {label} (a full open_clip CLIP state dict is "
-                         f"expected): {e}") from e
+        raise ValueError(f"cannot load {path} into teacher {label} (a full open_clip CLIP state dict, OpenAI's "
+                         f".pt or a transformers CLIPModel/CLIPVisionModel file is expected): {e}") from e
+    _log_loaded(path, count, label)
+
+
+def _load_open_clip_visual(visual: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Strict, except for the projection, which a CLIPVisionModel file lacks and the teacher never uses."""
+    result = visual.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k != "proj"]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"missing keys {missing}, unexpected keys {result.unexpected_keys}")
+    return len(state)
+
+
+def _hf_state(path: str, expected: str) -> Optional[dict[str, torch.Tensor]]:
+    """The file's state dict if it is in a transformers layout (CLIP or ViT), else None; a transformers
+    file of the other family is refused with what to use instead."""
+    if path.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        state = hf_weights.read_keys_and_tensors(path)
+        layout = hf_weights.hf_layout(state) if isinstance(state, dict) else None
+        if layout == expected or (layout == "clip" and expected == "vit"):
+            return state
+        if layout is not None:
+            raise ValueError(f"this is a transformers ViT file (DINO-style); use a timm teacher, e.g. "
+                             f"--teacher facebook/dino-vitb16")
+    return None
+
+
+def _log_loaded(path: str, count: int, label: str) -> None:
+    # The last word after open_clip's "No pretrained weights loaded ... initialized randomly" (it was built
+    # empty on purpose, then filled from the file).
+    logger.info("loaded teacher weights from %s (%d tensors) into %s", path, count, label)
 
 
 # ----------------------------------------------------------------------------- timm
@@ -603,13 +645,20 @@ def _load_timm_weights(model: TimmVisionTransformer, path: str, label: str) -> N
     try:
         state = _torchscript_state_dict(path)
         if state is None:
-            state = timm.models.load_state_dict(path, use_ema=False, weights_only=True)
+            hf_state = _hf_state(path, "vit")
+            if hf_state is None:
+                state = timm.models.load_state_dict(path, use_ema=False, weights_only=True)
+            elif hf_weights.hf_layout(hf_state) == "vit":
+                state = hf_weights.vit_to_timm(hf_state)
+            else:
+                state = hf_weights.clip_to_timm(hf_state)
         state = checkpoint_filter_fn(state, model)  # converts e.g. OpenAI CLIP, open_clip and DINOv2 layouts
         if isinstance(model.head, nn.Identity):  # the teacher never classifies
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
         model.load_state_dict(state, strict=True)
     except Exception as e:  # re-raised with the model and file, whatever the loader tripped on
         raise ValueError(f"cannot load {path} into teacher {label}: {e}") from e
+    _log_loaded(path, len(state), label)
 
 
 def _torchscript_state_dict(path: str) -> Optional[dict[str, torch.Tensor]]:

@@ -217,14 +217,23 @@ def test_torch_distributed_launch_local_rank_flag_is_accepted():
     assert main_pretrain.parse_args(["--local-rank=0", "--device", "cpu"]).local_rank == 0
 
 
-def test_demo_preset_prepares_data_and_teacher(tmp_path, monkeypatch):
-    monkeypatch.setattr("util.demo.CROPS_PER_IMAGE", 2)
-    argv = ["--demo", "--output_dir", str(tmp_path), "--epochs", "1", "--num_workers", "0", "--batch_size", "8"]
+def test_demo_preset_prepares_data_and_trains_the_teacher(tmp_path, monkeypatch):
+    import functools
+
+    import util.demo
+    monkeypatch.setattr(util.demo, "prepare_demo_data",
+                        functools.partial(util.demo.prepare_demo_data, per_class=3))
+    monkeypatch.setattr(util.demo, "TEACHER_EPOCHS", 1)
+    argv = ["--demo", "--output_dir", str(tmp_path), "--epochs", "1", "--batch_size", "8", "--vis_freq", "0"]
     args = main_pretrain.parse_args(argv)
-    assert (args.model, args.input_size, args.device) == ("maskalign_vit_tiny_patch16", 64, "cpu")
+    assert (args.model, args.input_size, args.device, args.teacher) == (
+        "maskalign_vit_tiny_patch16", 32, "cpu", util.demo.DEMO_TEACHER)
     assert main_pretrain.run(argv) == 0
-    images = os.listdir(tmp_path / "demo_data" / "train" / "skimage")
-    assert len(images) >= 20  # two crops of each photograph scikit-image ships
+    assert sorted(os.listdir(tmp_path / "demo_data" / "train")) == [str(d) for d in range(10)]  # the digits
+    assert len(os.listdir(tmp_path / "demo_data" / "val" / "7")) == 3
+    # the teacher was trained with labels (main_finetune's loop: log.txt with a held-out accuracy) and saved
+    teacher_log = [json.loads(line) for line in open(tmp_path / "demo_teacher" / "log.txt")]
+    assert "test_acc1" in teacher_log[-1]
     assert {"demo_teacher.pth", "checkpoint-latest.pth", "log.txt"} <= set(os.listdir(tmp_path))
 
 

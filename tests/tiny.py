@@ -10,6 +10,16 @@ from util import checkpoint
 TINY_TEACHER = dict(depth=3, embed_dim=48, num_heads=3)
 
 
+def register_open_clip_config(folder, name, embed_dim=16, **vision):
+    """Make open_clip know a tiny CLIP `name` (ViT image tower `vision`, a one-layer text tower)."""
+    import json
+
+    import open_clip
+    text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+    (folder / f"{name}.json").write_text(json.dumps(dict(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text)))
+    open_clip.add_model_config(folder)
+
+
 def make_images(root, n=24, size=40, seed=0):
     """An ImageFolder of random RGB images under root/train (two classes)."""
     rng = np.random.default_rng(seed)

@@ -1,63 +1,164 @@
-"""The embedded default run: small real images and a small teacher, nothing downloaded.
+"""The embedded demo's data, architectures and teacher: real labelled images, nothing downloaded.
 
-Images: the photographs scikit-image ships in `skimage/data` (astronaut, coffee, chelsea, rocket, ...),
-cut into random crops to make a few hundred training samples. Teacher: a ViT-Tiny/16 with a fixed random
-initialisation saved to a local file (no hub weights can be fetched here); pass a real teacher with
-`--teacher ... --teacher_weights FILE` for meaningful features.
+Images: scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`: 1797 greyscale 8x8
+images of the digits 0-9, read from a file inside the installed package). They are upsampled to 32x32 RGB
+and split once, stratified, into an ImageFolder with train/ (80%) and val/ (20%, held out from everything).
+
+Teacher: a small ViT trained *with labels* on the train split, from scratch, with main_finetune.py's model,
+optimizer and loss on the shared engine (digit-sized crops instead of ImageNet's; a [CLS] classifier, so its
+[CLS] attention means something), saved as a plain state dict. It plays the role CLIP
+plays in the paper: a frozen network that knows something the student must learn from unlabelled images.
+The students never see a label until the linear probe.
 """
+import argparse
 import logging
 import os
 import random
+from typing import Optional
 
+import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms
+
+from engine import Task, evaluate, fit, setup
+from util import checkpoint
+from util.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_dataset, build_finetune_transform
+from util.sampler import PerSampleSeeded
 
 logger = logging.getLogger("maskalign")
 
-DEMO_TEACHER = "timm:vit_tiny_patch16_224"
+DEMO_DATASET = "scikit-learn load_digits (1797 8x8 digit images, 10 classes), upsampled to 32x32"
+IMAGE_SIZE = 32
+PATCH_SIZE = 8  # a 4x4 patch grid on 32 px: each patch is 2x2 of the original digit pixels
+VAL_FRACTION = 0.2
+# timm name + overrides; student and teacher have the same size, as ViT-B/16 and CLIP-B/16 in the paper.
+TEACHER_TIMM = "vit_tiny_patch16_224"
+TEACHER_ARCH = dict(patch_size=PATCH_SIZE, depth=4, embed_dim=64, num_heads=2)
+STUDENT_ARCH = dict(patch_size=PATCH_SIZE, depth=4, embed_dim=64, num_heads=2)
+DEMO_TEACHER = f"timm:{TEACHER_TIMM}"
+TEACHER_EPOCHS = 30
+
+# main_pretrain.py --demo: the demo's pre-training settings (other flags still win).
 DEMO_DEFAULTS = dict(
-    model="maskalign_vit_tiny_patch16", teacher=DEMO_TEACHER, input_size=64, batch_size=32, epochs=6,
-    warmup_epochs=1, blr=8e-3, num_workers=2, save_freq=3, print_freq=4, device="cpu",
+    model="maskalign_vit_tiny_patch16", model_kwargs=STUDENT_ARCH, teacher=DEMO_TEACHER,
+    teacher_kwargs={**TEACHER_ARCH, "img_size": IMAGE_SIZE}, input_size=IMAGE_SIZE, batch_size=64, epochs=20,
+    warmup_epochs=2, blr=4e-3, top_k=3, drop_path=0.0, num_workers=0, save_freq=1000, print_freq=1000, device="cpu",
 )
-CROPS_PER_IMAGE = 12
 
 
-def _shipped_images() -> list[str]:
-    import skimage
-    data_dir = os.path.join(os.path.dirname(skimage.__file__), "data")
-    names = sorted(n for n in os.listdir(data_dir) if n.lower().endswith((".png", ".jpg")))
-    return [os.path.join(data_dir, n) for n in names]
+def kwargs_argv(kwargs: dict) -> list[str]:
+    """{k: v} -> ["k=v", ...] for --model_kwargs / --teacher_kwargs."""
+    return [f"{k}={v}" for k, v in kwargs.items()]
 
 
-def prepare_demo_data(root: str, seed: int = 0) -> str:
-    """Write an ImageFolder of random crops under root/train (once); returns root."""
+def count_images(data: str, split: str) -> int:
+    """Files under data/split (the demo's ImageFolder holds only images)."""
+    return sum(len(files) for _, _, files in os.walk(os.path.join(data, split)))
+
+
+def fitting_batch(batch_size: int, data: str) -> int:
+    """The recipe's batch, or half the training set when --per_class makes it smaller than one batch."""
+    return max(1, min(batch_size, count_images(data, "train") // 2))
+
+
+def prepare_demo_data(root: str, seed: int = 0, per_class: Optional[int] = None) -> str:
+    """Write the digits as an ImageFolder root/{train,val}/<digit>/*.png (once); returns root.
+    `per_class` keeps at most that many images per class in each split (quick checks and tests)."""
     done = os.path.join(root, ".complete")
     if os.path.exists(done):
         return root
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = (digits.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
     rng = random.Random(seed)
-    out_dir = os.path.join(root, "train", "skimage")
-    os.makedirs(out_dir, exist_ok=True)
-    for path in _shipped_images():
-        img = Image.open(path).convert("RGB")
-        side = min(img.size)
-        if side < 64:
-            continue
-        stem = os.path.splitext(os.path.basename(path))[0]
-        for k in range(CROPS_PER_IMAGE):
-            size = rng.randint(side // 3, side)
-            x, y = rng.randint(0, img.width - size), rng.randint(0, img.height - size)
-            img.crop((x, y, x + size, y + size)).resize((96, 96)).save(os.path.join(out_dir, f"{stem}_{k}.png"))
+    for label in range(10):
+        indices = [i for i, t in enumerate(digits.target) if t == label]
+        rng.shuffle(indices)
+        n_val = round(len(indices) * VAL_FRACTION)
+        splits = {"val": indices[:n_val], "train": indices[n_val:]}
+        for split, chosen in splits.items():
+            for index in chosen[:per_class]:
+                folder = os.path.join(root, split, str(label))
+                os.makedirs(folder, exist_ok=True)
+                img = Image.fromarray(images[index]).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+                img.convert("RGB").save(os.path.join(folder, f"{index:04d}.png"))
     open(done, "w").close()
-    logger.info("demo data: %d images in %s", len(os.listdir(out_dir)), out_dir)
+    logger.info("demo data: %s in %s (train/ and val/)", DEMO_DATASET, root)
     return root
 
 
-def prepare_demo_teacher(path: str, seed: int = 0) -> str:
-    """A seeded random ViT-Tiny/16 teacher saved as a plain state dict (once); returns its path."""
-    if not os.path.exists(path):
-        import timm
-        torch.manual_seed(seed)
-        model = timm.create_model(DEMO_TEACHER.split(":", 1)[1], pretrained=False)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        torch.save(model.state_dict(), path)
+def teacher_finetune_argv(data_path: str, output_dir: str, epochs: int = TEACHER_EPOCHS) -> list[str]:
+    """main_finetune.py flags of the demo teacher: trained from scratch with labels (train split only)."""
+    return ["--model", TEACHER_TIMM, "--model_kwargs", *kwargs_argv(TEACHER_ARCH), "--cls_token",
+            "--nb_classes", "10", "--input_size", str(IMAGE_SIZE), "--data_path", data_path,
+            "--output_dir", output_dir, "--epochs", str(epochs), "--warmup_epochs", "2",
+            "--batch_size", str(fitting_batch(32, data_path)),
+            "--blr", "8e-3", "--layer_decay", "1.0", "--drop_path", "0.0", "--weight_decay", "0.05",
+            "--mixup", "0", "--cutmix", "0", "--smoothing", "0.1",
+            "--num_workers", "0", "--device", "cpu", "--save_freq", "1000", "--print_freq", "1000"]
+
+
+def digit_train_transform() -> transforms.Compose:
+    """Mild crops, no flips: ImageNet's crop scale (0.08, 1) would leave a fragment of an 8x8 digit."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(IMAGE_SIZE, scale=(0.7, 1.0), ratio=(0.9, 1.1),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ])
+
+
+def train_demo_teacher(data_path: str, output_dir: str, epochs: int = TEACHER_EPOCHS) -> None:
+    """main_finetune's model, optimizer, loss and the shared engine, with digit-sized augmentation."""
+    import main_finetune  # imported here: it imports util
+    args = main_finetune.parse_args(teacher_finetune_argv(data_path, output_dir, epochs))
+    env, device = setup(args)
+    train = build_dataset(data_path, digit_train_transform(), split="train")
+    val = main_finetune.val_loader(args, env, build_dataset(data_path, build_finetune_transform(False, IMAGE_SIZE),
+                                                            split="val"))
+    model = main_finetune.build_model(args).to(device)
+
+    def end_of_epoch(epoch: int, writer) -> dict:
+        return {f"test_{k}": v for k, v in evaluate(model, val, device, args).items()}
+
+    forward = main_finetune.make_forward(None, main_finetune.build_criterion(args))
+    fit(args, env, device, Task(model=model, forward_fn=forward, dataset=PerSampleSeeded(train, args.seed),
+                                optimizer=main_finetune.build_optimizer(args, model), end_of_epoch=end_of_epoch))
+
+
+def prepare_demo_teacher(path: str, data_path: str, epochs: Optional[int] = None) -> str:
+    """Train the demo teacher with labels (once; an interrupted run resumes) and save its weights to `path`."""
+    if os.path.exists(path):
+        return path
+    work_dir = os.path.splitext(path)[0]
+    train_demo_teacher(data_path, work_dir, epochs or TEACHER_EPOCHS)
+    state = checkpoint.load(os.path.join(work_dir, checkpoint.LATEST))["model"]
+    checkpoint.save_atomic(state, path)
+    logger.info("demo teacher: top-1 %.1f%% on the held-out digits; weights in %s",
+                last_test_accuracy(work_dir), path)
     return path
+
+
+def last_test_accuracy(output_dir: str) -> Optional[float]:
+    """top-1 of the last epoch in a main_finetune run's log.txt (None if it has no evaluation yet)."""
+    log = os.path.join(output_dir, "log.txt")
+    if not os.path.exists(log):
+        return None
+    import json
+    with open(log) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return records[-1].get("test_acc1") if records else None
+
+
+def prepare_demo(args: argparse.Namespace, dry: bool = False) -> None:
+    """What `main_pretrain.py --demo` leaves open: the digits and, for the demo teacher, its trained weights
+    (made once under --output_dir; `dry` only fills in the paths, for the ranks that do not make them)."""
+    if args.data_path is None:
+        args.data_path = os.path.join(args.output_dir, "demo_data")
+        if not dry:
+            prepare_demo_data(args.data_path, args.seed)
+    if args.teacher_weights is None and args.teacher == DEMO_TEACHER:
+        args.teacher_weights = os.path.join(args.output_dir, "demo_teacher.pth")
+        if not dry:
+            prepare_demo_teacher(args.teacher_weights, args.data_path)
