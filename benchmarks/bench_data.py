@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util.data import DATA_BACKENDS, build_train_data  # noqa: E402
-from util.demo import _shipped_images  # noqa: E402
+from util.data import shipped_photos  # noqa: E402
 from util.sampler import PerSampleSeeded  # noqa: E402
 
 # benchmarks/bench_pretrain.py, README "Speed": ViT-B/16 student + CLIP-B/16 teacher, bf16, batch 128, one H200
@@ -43,7 +43,7 @@ def make_imagenet_like(root: str, n: int = 200, seed: int = 0) -> str:
     if os.path.exists(done):
         return root
     os.makedirs(out, exist_ok=True)
-    photos = [im for im in (Image.open(p).convert('RGB') for p in _shipped_images()) if min(im.size) >= 256]
+    photos = [im for im in (Image.open(p).convert('RGB') for p in shipped_photos()) if min(im.size) >= 256]
     rng = np.random.default_rng(seed)
     for k in range(n):
         photo = photos[k % len(photos)]

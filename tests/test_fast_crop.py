@@ -11,7 +11,7 @@ from scipy.stats import ks_2samp
 from torchvision import transforms
 
 from util.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RobustImageDataset, build_train_data
-from util.demo import _shipped_images
+from util.data import shipped_photos
 from util.fast_crop import (FastRandomResizedCrop, NormalizeOnDevice, TorchvisionCropBox, dct_scale,
                             normalize_pixels, resized_crop)
 
@@ -39,7 +39,7 @@ def jpeg(image: Image.Image, path=None, quality=90) -> bytes:
 
 @pytest.fixture(scope='module')
 def astronaut():
-    return Image.open(_shipped_images()[0]).convert('RGB')  # 512 x 512 photo
+    return Image.open(shipped_photos()[0]).convert('RGB')  # 512 x 512 photo
 
 
 def coordinate_image(width=640, height=480) -> Image.Image:

@@ -11,7 +11,7 @@ from torchvision import transforms
 
 import engine
 from util.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TooManyBadSamplesError, build_train_data)
-from util.demo import _shipped_images
+from util.data import shipped_photos
 from util.fast_crop import FastRandomResizedCrop, normalize_pixels
 from util.gpu_decode import EncodedCrop, crop_boxes
 from util.sampler import PerSampleSeeded
@@ -21,7 +21,7 @@ CPU = torch.device('cpu')
 
 
 def photo(index=0, size=None) -> Image.Image:
-    image = Image.open(_shipped_images()[index]).convert('RGB')
+    image = Image.open(shipped_photos()[index]).convert('RGB')
     return image.resize(size, Image.BICUBIC) if size else image
 
 

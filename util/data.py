@@ -405,3 +405,12 @@ def build_train_data(backend: str, data_path: str, input_size: int, scale: Tuple
                          batch_to_device=DecodeOnDevice(input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                                                         dataset))
     raise ValueError(f'unknown data backend {backend!r}; choose one of {DATA_BACKENDS}')
+
+
+def shipped_photos() -> list[str]:
+    """The photos scikit-image ships in its package (no download): real JPEG/PNG content for the data
+    benchmark's ImageNet-like set and for tests of the decode paths."""
+    import skimage
+    data_dir = os.path.join(os.path.dirname(skimage.__file__), "data")
+    names = sorted(n for n in os.listdir(data_dir) if n.lower().endswith((".png", ".jpg")))
+    return [os.path.join(data_dir, n) for n in names]
