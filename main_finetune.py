@@ -195,6 +195,11 @@ def build_criterion(args) -> nn.Module:
 
 
 def build_datasets(args):
+    """(training data, validation set); with --eval only the validation set is read (training data None)."""
+    val = build_dataset(args.data_path, build_finetune_transform(False, args.input_size), split="val",
+                        file_list=args.val_file_list, max_bad_fraction=args.max_bad_fraction)
+    if args.eval:
+        return None, val
     if args.linprobe:  # MAE: crop + flip only, so any data backend serves it
         train = build_train_data(args.data_backend, args.data_path, args.input_size, file_list=args.file_list,
                                  max_bad_fraction=args.max_bad_fraction, linprobe_crop=args.linprobe_crop)
@@ -203,8 +208,6 @@ def build_datasets(args):
                                                    args.reprob, args.remode, args.recount)
         train = TrainData(build_dataset(args.data_path, train_transform, split="train", file_list=args.file_list,
                                         max_bad_fraction=args.max_bad_fraction))
-    val = build_dataset(args.data_path, build_finetune_transform(False, args.input_size), split="val",
-                        file_list=args.val_file_list, max_bad_fraction=args.max_bad_fraction)
     return train, val
 
 

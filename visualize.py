@@ -124,8 +124,10 @@ def visible_similarity(model, images: torch.Tensor, mask: torch.Tensor) -> torch
     model.eval()
     num_patches = mask.shape[1]
     ids_keep = (mask == 0).nonzero()[:, 1].view(mask.shape[0], -1)
-    _, pred, _ = model(images, ids_keep=ids_keep)
-    target = model.targets(model.teacher(images, model.target_levels).levels, ids_keep)
+    with torch.no_grad():  # .forward, not model(...): eager even where --compile compiled the module's call,
+        # so drawing during training adds no graph that the compile log would count as a recompile
+        _, pred, _ = model.forward(images, ids_keep=ids_keep)
+        target = model.targets(model.teacher(images, model.target_levels).levels, ids_keep)
     first = 1 if model.config.align_cls else 0  # the [CLS] row leads when it is aligned
     sim = torch.nn.functional.cosine_similarity(pred[-1, :, first:].float(), target[-1, :, first:], dim=-1)
     out = torch.full((mask.shape[0], num_patches), float("nan"))

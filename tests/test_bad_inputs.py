@@ -232,4 +232,7 @@ def test_fusion_type_takes_the_reference_names_only(capsys):
 def test_eval_needs_only_the_validation_set(tmp_path, monkeypatch):
     no_model(monkeypatch)
     data = classes_dir(tmp_path / "data", splits=("val",), classes=("a", "b"))
-    assert main_finetune.parse_args(finetune_argv(data, tmp_path / "out", "--eval")).nb_classes == 2
+    args = main_finetune.parse_args(finetune_argv(data, tmp_path / "out", "--eval"))
+    assert args.nb_classes == 2
+    train, val = main_finetune.build_datasets(args)  # no train/: nothing is read in its place
+    assert train is None and len(val) > 0

@@ -98,6 +98,13 @@ def test_device_decode_substitutes_undecodable_images_and_decodes_png_on_cpu(tmp
     assert (images[0] - expected).abs().mean() < 0.1  # ~4 grey levels in normalised units
 
 
+def test_a_batch_with_nothing_decodable_is_a_data_failure(tmp_path):
+    """It must reach the loop's vote (TooManyBadSamplesError), not leave the other ranks waiting."""
+    data, batch = encoded_batch(tmp_path, ['bad', 'bad'])
+    with pytest.raises(TooManyBadSamplesError, match='no image of a batch of 2'):
+        data.batch_to_device(batch, CPU)
+
+
 def test_truncated_jpeg_is_caught_in_the_worker(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger='maskalign.data'):
         data, batch = encoded_batch(tmp_path, ['cut', 'jpeg'])

@@ -88,8 +88,9 @@ class DecodeOnDevice:
         data, boxes, flips, labels, names = batch
         images = self._decode_all(data, names, device)
         good = [k for k, image in enumerate(images) if image is not None]
-        if not good:
-            raise RuntimeError(f'no image of a batch of {len(images)} could be decoded (first: {names[0]}); '
+        if not good:  # a data failure: it goes into the loop's vote, so every rank stops together
+            from util.data import TooManyBadSamplesError  # util.data imports this module
+            raise TooManyBadSamplesError(f'no image of a batch of {len(images)} could be decoded (first: {names[0]}); '
                                f'is the data readable?')
         crops = crop_boxes([images[k] for k in good], boxes[good], self.size)
         flip = flips[good].to(crops.device)
