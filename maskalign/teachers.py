@@ -191,7 +191,7 @@ class Teacher(nn.Module):
             x = self._embed(self._to_teacher_pixels(images))
             out: dict[int, torch.Tensor] = {}
             for i in range(last):
-                x = blocks[i](x)
+                x = self._run_block(blocks[i], x)
                 if i in wanted:
                     out[i] = self._cls_and_patches(x)
             final = _FinalBlock(self, blocks[last], x)
@@ -202,7 +202,7 @@ class Teacher(nn.Module):
             if rows_only:
                 out[last] = final.visible_rows(ids_keep)
             elif last in wanted:
-                out[last] = self._cls_and_patches(blocks[last](x))
+                out[last] = self._cls_and_patches(self._run_block(blocks[last], x))
         return TeacherOutput(out, cls_attention, ids_keep, frozenset({last}) if rows_only else frozenset())
 
     def _check_request(self, levels: Sequence[int], need_cls_attention: bool) -> frozenset[int]:
@@ -230,6 +230,20 @@ class Teacher(nn.Module):
             return x
         patches = x[:, self.num_prefix_tokens:]
         return torch.cat([x[:, :1], patches], dim=1) if self.has_cls_token else patches
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One whole block (its own forward unless a subclass computes it better)."""
+        return block(x)
+
+    def _block_from_parts(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The whole block computed batch-first from its parts: one q/k/v projection GEMM over every token,
+        then fused attention (F.scaled_dot_product_attention), output projection and MLP."""
+        parts = self._attention_parts(block)
+        normed = parts.norm(x)
+        q, k, v = (_split_heads(t, parts.num_heads)
+                   for t in F.linear(normed, parts.qkv_weight, parts.qkv_bias).chunk(3, dim=-1))
+        heads = F.scaled_dot_product_attention(parts.q_norm(q), parts.k_norm(k), v, scale=parts.scale)
+        return self._rows_output(block, x, normed, heads)
 
     def _rows_output(self, block: nn.Module, rows: torch.Tensor, normed_rows: torch.Tensor,
                      heads: torch.Tensor) -> torch.Tensor:
@@ -389,6 +403,14 @@ class OpenClipTeacher(Teacher):
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
         return visual.ln_pre(x)
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # nn.MultiheadAttention projects q, k, v on a sequence-first view of the tokens; torch.compile turns that
+        # projection into a batched matmul with one small GEMM per token position (1.7x the time of one GEMM
+        # on CPU). Computed batch-first from the same weights, the block is one projection GEMM + fused attention.
+        if isinstance(block.attn, nn.MultiheadAttention):
+            return self._block_from_parts(block, x)
+        return block(x)
 
     def _attention_parts(self, block: nn.Module) -> _AttentionParts:
         attn = block.attn

@@ -193,6 +193,28 @@ def full_open_clip_attention(visual, block_input):
         return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
 
 
+def test_open_clip_blocks_compile_to_one_projection_gemm_each():
+    """nn.MultiheadAttention's sequence-first in-projection compiles to a batched matmul with one small GEMM
+    per token position; the teacher computes its blocks batch-first instead (issue #8)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    ops = []
+
+    def record(graph, _inputs):
+        ops.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return make_boxed_func(graph.forward)
+
+    teacher = OpenClipTeacher(tiny_clip().visual, grid_size=2)
+    images = raw_images()
+    compiled = torch.compile(lambda x: teacher(x, [0, 1]).levels[1], backend=aot_autograd(fw_compiler=record),
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(images), teacher(images, [0, 1]).levels[1])
+    torch._dynamo.reset()
+    assert "aten.bmm.default" not in ops
+    assert ops.count("aten.addmm.default") == 2 * 4  # per block: q/k/v projection, output projection, 2 MLP
+
+
 def test_open_clip_mha_attention_matches_torch_need_weights():
     visual = tiny_clip().visual
     raw = raw_images()
