@@ -14,13 +14,18 @@ attention; elementwise work is not counted); MFU divides them by the card's dens
 half of it, for --amp none), from a small table or --peak_tflops. Teachers use random weights (same cost).
 
 --ref DIR times the reference code (github.com/OpenDriveLab/maskalign, extracted to DIR) in the same process:
-its model with the paper's config and its training recipe (AdamW, fp16 autocast + GradScaler on GPU with the
-gradient norm its loss scaler computes, float32 on CPU). Only --ref needs `transformers` (the reference's
+its model with the paper's config and its training recipe (AdamW, fp16 autocast + GradScaler on GPU, float32
+on CPU, and on both the gradient norm its loss scaler computes). Only --ref needs `transformers` (the reference's
 teacher is a Hugging Face CLIPVisionModel); nothing else here does. Newer libraries renamed a few things the
-reference relies on; the loader adapts them without changing what it computes.
+reference relies on; the loader adapts them without changing what it computes. With --ref, ours runs the
+reference's alignment form (`--align official`: mix the student levels, then one adaptor per target level) so
+that both sides compute the same model; our default, the paper's eq. 1 (`dynamic`, one adaptor per student
+block), costs 1.5 GFLOP more per image.
 
---rounds R > 1 alternates the settings R times and reports medians (for a machine shared with other work);
-with --rounds 1 each setting runs alone and is freed before the next, so its peak memory is its own.
+--rounds R > 1 alternates the settings R times, every other round in reverse order, and reports medians (for a
+machine shared with other work). The reference is timed next to ours in every round, and the ratio is also given
+per round (median and range), which cancels a shared machine's slow drifts. With --rounds 1 each setting runs
+alone and is freed before the next, so its peak memory is its own.
 """
 import argparse
 import gc
@@ -42,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_maskalign  # noqa: E402
+from maskalign.alignment import ALIGN_FORMS  # noqa: E402
 from util.args import ParseKwargs, new_parser  # noqa: E402
 from util.compile import CompileWatch, compile_in_place  # noqa: E402
 from util.data import TrainData  # noqa: E402
@@ -116,7 +122,7 @@ def build_ours(args, device: torch.device, mask_ratio: float, amp: str, compiled
     the autocast dtype, fp16 with a grad scaler, the loop's guarded update. FLOPs are counted eagerly."""
     torch.manual_seed(0)
     model = models_maskalign.__dict__[args.model](
-        teacher=args.teacher, teacher_weights="random", mask_ratio=mask_ratio, drop_path_rate=0.1,
+        teacher=args.teacher, teacher_weights="random", mask_ratio=mask_ratio, align=args.align, drop_path_rate=0.1,
         **args.model_kwargs).to(device)
     model.teacher.set_compute_dtype(AMP_DTYPES[amp])
     optimizer = adamw(param_groups_weight_decay(model, 0.05), 1e-4, device, betas=(0.9, 0.95))
@@ -182,7 +188,8 @@ def load_reference(ref_dir: str):
 
 def build_reference(args, device: torch.device, amp: str) -> tuple[Callable, float]:
     """The reference step as its engine_pretrain.py runs it: autocast, its loss scaler (scale, backward,
-    unscale, gradient norm, step, update) on GPU, AdamW with its weight-decay groups."""
+    unscale, step, update) on GPU, the gradient norm that scaler computes on every device, AdamW with its
+    weight-decay groups."""
     reference = load_reference(args.ref)
     torch.manual_seed(0)
     model = reference.mae_vit_base_patch16(
@@ -201,10 +208,11 @@ def build_reference(args, device: torch.device, amp: str) -> tuple[Callable, flo
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = model(images, mask_ratio=0.7)
             (scaler.scale(loss) if scaler else loss).backward()
-            if update:
+            if update:  # its loss scaler: unscale, the gradient norm (computed on every device), step, update
                 if scaler:
                     scaler.unscale_(optimizer)
-                    torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in params if p.grad is not None]))
+                torch.norm(torch.stack([torch.norm(p.grad.detach(), 2.0) for p in params if p.grad is not None]))
+                if scaler:
                     scaler.step(optimizer)
                     scaler.update()
                 else:
@@ -262,7 +270,8 @@ def loop_img_s(args, device: torch.device, mask_ratio: float, amp: str, compiled
         flags = ["--model", args.model, "--teacher", args.teacher, "--teacher_weights", "random",
                  "--batch_size", str(args.batch_size), "--epochs", "1", "--amp", amp, "--device", device.type,
                  "--output_dir", out, "--num_workers", str(args.num_workers), "--mask_ratio", str(mask_ratio),
-                 "--input_size", str(args.input_size), "--print_freq", "20", "--save_freq", "1000"]
+                 "--input_size", str(args.input_size), "--align", args.align, "--print_freq", "20",
+                 "--save_freq", "1000"]
         flags += ["--compile"] if compiled else []
         flags += ["--model_kwargs", *[f"{k}={v}" for k, v in args.model_kwargs.items()]] if args.model_kwargs else []
         loop_args = main_pretrain.parse_args(flags)
@@ -317,12 +326,22 @@ def print_report(args, device: torch.device, settings: list[Setting]) -> None:
             if same in by_name:
                 print(f"MaskAlign / FD step time ({s.name[5:]}): {by_name[same] / by_name[s.name]:.2f}")
     for ref in (s for s in settings if s.name.startswith("reference")):
-        print(f"ours best ({best.name}) / reference step time: {by_name[best.name] / by_name[ref.name]:.2f}"
+        print(f"ours best ({best.name}) / reference step time: {step_ratio(best, ref)}"
               f"  (img/s {by_name[ref.name] / by_name[best.name]:.2f}x)")
         same = [s for s in ours if s.amp == ref.amp and s.watch is None]
         if same:
-            print(f"ours same precision ({same[0].name}) / reference step time: "
-                  f"{by_name[same[0].name] / by_name[ref.name]:.2f}")
+            print(f"ours same precision ({same[0].name}) / reference step time: {step_ratio(same[0], ref)}")
+
+
+def step_ratio(ours: Setting, ref: Setting) -> str:
+    """ours / ref step time as the ratio of the medians; with several rounds also the median and range of the
+    per-round ratios, which pair blocks timed back to back and so cancel a shared machine's slow drifts."""
+    text = f"{statistics.median(ours.times) / statistics.median(ref.times):.2f}"
+    if len(ours.times) > 1 and len(ours.times) == len(ref.times):
+        per_round = sorted(o / r for o, r in zip(ours.times, ref.times))
+        text += (f"; per round: median {statistics.median(per_round):.2f}, "
+                 f"range {per_round[0]:.2f}-{per_round[-1]:.2f}")
+    return text
 
 
 def plan(args) -> list[tuple[str, str, Callable[[], tuple[Callable, float]], bool, Optional[float]]]:
@@ -330,16 +349,16 @@ def plan(args) -> list[tuple[str, str, Callable[[], tuple[Callable, float]], boo
     device = torch.device(args.device)
     loop_ratio = args.mask_ratio if args.loop else None
     settings = [(f"ours MaskAlign {args.amp} eager", args.amp,
-                 lambda: build_ours(args, device, args.mask_ratio, args.amp, False), False, loop_ratio),
-                (f"ours FD {args.amp} eager", args.amp, lambda: build_ours(args, device, 0.0, args.amp, False),
-                 False, None)]
-    if args.ref:
+                 lambda: build_ours(args, device, args.mask_ratio, args.amp, False), False, loop_ratio)]
+    if args.ref:  # next to ours, so that each round's pair of blocks sees the same machine
         ref_amp = args.ref_amp or ("fp16" if device.type == "cuda" else "none")
         if ref_amp != args.amp:
             settings.append((f"ours MaskAlign {ref_amp} eager", ref_amp,
                              lambda: build_ours(args, device, args.mask_ratio, ref_amp, False), False, None))
         settings.append((f"reference {ref_amp}" + (" + GradScaler" if ref_amp == "fp16" else ""), ref_amp,
                          lambda: build_reference(args, device, ref_amp), False, None))
+    settings.append((f"ours FD {args.amp} eager", args.amp, lambda: build_ours(args, device, 0.0, args.amp, False),
+                     False, None))
     if args.compile:  # last: the slowest to build
         settings.append((f"ours MaskAlign {args.amp} compiled", args.amp,
                          lambda: build_ours(args, device, args.mask_ratio, args.amp, True), True, loop_ratio))
@@ -358,7 +377,8 @@ def run(args) -> None:
     else:
         print(f"device: cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}")
     print(f"{args.model} + {args.teacher}, batch {args.batch_size}, mask {args.mask_ratio} attentive, "
-          f"{args.warmup} warm-up steps, {args.rounds} round(s) of {args.steps} timed steps", flush=True)
+          f"align {args.align}, {args.warmup} warm-up steps, {args.rounds} round(s) of {args.steps} timed steps",
+          flush=True)
     logging.getLogger("maskalign").setLevel(logging.WARNING)
     planned = plan(args)
     settings = []
@@ -381,8 +401,8 @@ def run(args) -> None:
                 print(f"  {name} through engine.fit: {setting.loop_img_s:.1f} img/s", flush=True)
     else:  # alternate, for a machine shared with other work
         settings = [make_setting(args, device, name, amp, build, compiled) for name, amp, build, compiled, _ in planned]
-        for _ in range(args.rounds):
-            for setting in settings:
+        for round_index in range(args.rounds):  # every other round backwards: each pair runs in both orders
+            for setting in settings if round_index % 2 == 0 else reversed(settings):
                 time_block(setting, device, args.steps)
         for setting, (_, amp, _, compiled, loop_ratio) in zip(settings, planned):
             if loop_ratio is not None:
@@ -407,6 +427,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loop", action="store_true", help="also time ours through engine.fit")
     parser.add_argument("--ref", default=None, metavar="DIR", help="also time the reference code extracted in DIR "
                                                                    "(needs transformers)")
+    parser.add_argument("--align", choices=ALIGN_FORMS, default=None,
+                        help="ours' alignment form (default: dynamic, the paper's eq. 1; with --ref: official, the "
+                             "reference code's mix-then-adapt, so that both time the same computation)")
     parser.add_argument("--ref_amp", choices=("fp16", "bf16", "none"), default=None,
                         help="the reference's precision (default: its recipe, fp16 + GradScaler on CUDA; none on CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per setting (compilation included)")
@@ -422,9 +445,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     args.amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
+    args.align = args.align or ("official" if args.ref else "dynamic")
     if args.amp == "fp16" and not args.device.startswith("cuda") or (
             args.ref_amp == "fp16" and not args.device.startswith("cuda")):
         parser.error("fp16 needs CUDA (its GradScaler)")
+    if "align" in args.model_kwargs:
+        parser.error("give the alignment form with --align, not --model_kwargs align=...")
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be >= 1")
     if args.ref:
