@@ -20,7 +20,7 @@ teacher is a Hugging Face CLIPVisionModel); nothing else here does. Newer librar
 reference relies on; the loader adapts them without changing what it computes. With --ref, ours runs the
 reference's alignment form (`--align official`: mix the student levels, then one adaptor per target level) so
 that both sides compute the same model; our default, the paper's eq. 1 (`dynamic`, one adaptor per student
-block), costs 1.5 GFLOP more per image.
+block), costs 1.4 GFLOP more per image.
 
 --rounds R > 1 alternates the settings R times, every other round in reverse order, and reports medians (for a
 machine shared with other work). The reference is timed next to ours in every round, and the ratio is also given
