@@ -6,6 +6,7 @@ import shutil
 from collections import namedtuple
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
@@ -37,6 +38,7 @@ def failing_save(error):
 
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+EIO = OSError(errno.EIO, "Input/output error")
 TORCH_WRITER_ERROR = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 Usage = namedtuple("Usage", "total used free")
 
@@ -192,6 +194,32 @@ def test_export_of_a_damaged_file_exits_1(tmp_path, damaged, capsys):
     for path in damaged:
         assert export_timm.main([str(path), str(tmp_path / "out")]) == 1
         one_line_error(capsys, path)
+
+
+@pytest.mark.parametrize("failing", ["pth", "safetensors", "config.json", "not-about-space"])
+def test_export_that_cannot_write_is_one_line_and_leaves_no_file(tmp_path, monkeypatch, capsys, failing):
+    torch.save({"model": timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0, depth=2, embed_dim=64,
+                                           num_heads=2).state_dict()}, tmp_path / "c.pth")
+    out = tmp_path / "out"
+    if failing in ("pth", "not-about-space"):
+        monkeypatch.setattr(checkpoint.torch, "save", failing_save(ENOSPC if failing == "pth" else EIO))
+    else:  # torch.save writes through its own C++ writer, not open()
+        real_open = open
+
+        def full_disk_open(path, mode="r", *args, **kwargs):
+            if "w" in mode and (failing == "config.json") == ("config.json" in str(path)):
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            return real_open(path, mode, *args, **kwargs)
+        monkeypatch.setattr("builtins.open", full_disk_open)
+    assert export_timm.main([str(tmp_path / "c.pth"), str(out), *TINY_VIT_FLAGS]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "export failed" in line]) == 1, err
+    if failing == "not-about-space":
+        assert f"export failed: cannot write the export to {out}: Input/output error; choose another output_dir" in err
+    else:
+        assert f"export failed: no space left on device in {out}: the export needs" in err
+        assert "Free space or choose another output_dir" in err
+    assert os.listdir(out) == []
 
 
 def test_resume_from_weights_alone_is_a_clear_error(tmp_path):

@@ -34,31 +34,39 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
 
     A failed write removes its temp file; a full disk (or quota) ends in one line with the space needed.
     """
-    _write_atomic(path, lambda tmp: torch.save(obj, tmp), needed=lambda: _tensor_bytes(obj))
+    write_atomic({path: lambda tmp: torch.save(obj, tmp)}, needed=lambda: tensor_bytes(obj))
 
 
 def copy_atomic(source: str, path: str) -> None:
-    _write_atomic(path, lambda tmp: shutil.copyfile(source, tmp), needed=lambda: os.path.getsize(source))
+    write_atomic({path: lambda tmp: shutil.copyfile(source, tmp)}, needed=lambda: os.path.getsize(source))
 
 
-def _write_atomic(path: str, write: Callable[[str], Any], needed: Callable[[], int]) -> None:
-    tmp = f"{path}{TEMP_SUFFIX}{os.getpid()}"
+def write_atomic(writes: dict[str, Callable[[str], Any]], needed: Callable[[], int], what: str = "the checkpoint",
+                 advice: str = "Free space, then resume") -> None:
+    """Write every path of `writes` (path -> function writing a given file) through its own temp file, then
+    rename them all: a failed write leaves every path as it was, and no temp file. A full disk (or quota) ends in a
+    `CheckpointError` whose one line says how much `what` needs and ends with `advice`."""
+    temps = {path: f"{path}{TEMP_SUFFIX}{os.getpid()}" for path in writes}
+    path = next(iter(writes))
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            write(temps[path])
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
         directory = os.path.dirname(os.path.abspath(path))
         if isinstance(e, Exception) and _out_of_space(e, directory, needed()):
             raise CheckpointError(
-                f"no space left on device in {directory}: the checkpoint needs {needed() / 2**20:.0f} MB "
+                f"no space left on device in {directory}: {what} needs {needed() / 2**20:.0f} MB "
                 f"({shutil.disk_usage(directory).free / 2**20:.0f} MB free); {os.path.basename(path)} was not "
-                f"written and the files already there are intact. Free space, then resume") from e
+                f"written and the files already there are intact. {advice}") from e
         raise
 
 
-def _tensor_bytes(obj: Any) -> int:
+def tensor_bytes(obj: Any) -> int:
     """Bytes of the tensors in `obj` (each storage counted once): what the file needs, give or take the pickle."""
     storages: dict[int, int] = {}
 

@@ -232,15 +232,25 @@ def export_timm(checkpoint_path: str, output_dir: str, model_name: Optional[str]
     model.load_state_dict(state, strict=True)  # proves the export is complete and well-formed
     dropped = sorted(backbone.dropped + [k for k in backbone.state_dict if k not in state])
     logger.info("dropped %d keys that are not part of the backbone: %s", len(dropped), _compact(dropped))
-    os.makedirs(output_dir, exist_ok=True)
     stem = os.path.join(output_dir, f"{model_name.split('.')[0]}_{EXPORT_SUFFIX[backbone.source]}")
     paths = {"pth": stem + ".pth", "safetensors": stem + ".safetensors", "config": os.path.join(output_dir, "config.json")}
-    torch.save(state, paths["pth"])
-    with open(paths["safetensors"], "wb") as f:  # safetensors' save_file creates its files with mode 0600
-        f.write(save(state, metadata={"format": "pt"}))
     config = {"architecture": model_name, "num_classes": 0, "img_size": img_size, "model_kwargs": model_kwargs,
               "source_checkpoint": os.path.abspath(checkpoint_path), "source_format": backbone.source,
               "dropped_keys": dropped, "pretrain_args": backbone.pretrain_args}
-    with open(paths["config"], "w") as f:
-        json.dump(config, f, indent=2, default=str)
+    writes = {paths["pth"]: lambda tmp: torch.save(state, tmp),
+              # safetensors' save_file creates its files with mode 0600
+              paths["safetensors"]: lambda tmp: _write(tmp, "wb", save(state, metadata={"format": "pt"})),
+              paths["config"]: lambda tmp: _write(tmp, "w", json.dumps(config, indent=2, default=str))}
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        checkpoint.write_atomic(writes, needed=lambda: 2 * checkpoint.tensor_bytes(state), what="the export",
+                                advice="Free space or choose another output_dir")
+    except OSError as e:  # not about space (read-only, permissions, I/O error): nothing was written either
+        raise checkpoint.CheckpointError(f"cannot write the export to {output_dir}: {e.strerror or e}; "
+                                         f"choose another output_dir") from e
     return paths
+
+
+def _write(path: str, mode: str, data: Any) -> None:
+    with open(path, mode) as f:
+        f.write(data)
