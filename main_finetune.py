@@ -13,6 +13,7 @@ frozen backbone, BatchNorm (no affine) + linear head on [CLS], LARS, blr 0.1, ef
 accum_iter 4 on 8 GPUs), MAE's single-draw crop + flip. util/recipes.py has the release's variants.
 """
 import argparse
+import functools
 import json
 import logging
 import os
@@ -99,6 +100,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return parse_args_and_checkpoint(argv)[0]
+
+
+def parse_args_and_checkpoint(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, Optional[dict]]:
+    """The arguments, and with `--eval --resume CKPT` the checkpoint they adopted the architecture from (read
+    once: main() evaluates its weights); None when there is none or it is unusable (main() reports that)."""
     parser = get_args_parser()
     args = cli.parse(parser, argv, presets={"--linprobe": MAE_LINPROBE}, recipes=RECIPES)
     cli.resolve_classification(parser, args)
@@ -116,22 +123,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      "and --linprobe")
     if args.model not in timm.list_models() and args.model not in timm.list_models(pretrained=True):
         parser.error(f"--model {args.model} is not a timm model")
+    resumed = None
     if args.eval and args.resume:
-        adopt_checkpoint_architecture(args, cli.given_on_command_line(get_args_parser, argv))
+        resumed = read_checkpoint(args.resume)
+        data_classes = args.nb_classes  # the validation set's, unless --nb_classes says otherwise
+        adopt_checkpoint_architecture(args, resumed, cli.given_on_command_line(get_args_parser, argv))
+        if data_classes is not None and args.nb_classes not in (None, data_classes):
+            parser.error(f"--resume {args.resume} classifies {args.nb_classes} classes but the validation set "
+                         f"{args.val_file_list or os.path.join(args.data_path, 'val')} has {data_classes}: "
+                         f"evaluate it on the data it was trained on (or give --nb_classes {args.nb_classes} "
+                         f"if these labels are its classes)")
     cli.check_model(parser, args, lambda: create_vit(args), MODEL_FLAGS)
-    return args
+    return args, resumed
 
 
 # The flags that shape the model: `--eval --resume CKPT` takes them from CKPT's args (MAE uses the same names).
 ARCHITECTURE_ARGS = ("model", "model_kwargs", "nb_classes", "input_size", "linprobe", "global_pool")
 
 
-def adopt_checkpoint_architecture(args: argparse.Namespace, given: set[str]) -> None:
-    """Build the model that `--resume` was trained as, unless the command line says otherwise."""
+def read_checkpoint(path: str) -> Optional[dict]:
     try:
-        stored = checkpoint.load(args.resume).get("args")
-    except (checkpoint.CheckpointError, AttributeError):
-        return  # main() reports an unusable file (exit code 1)
+        ckpt = checkpoint.load(path)
+    except checkpoint.CheckpointError:
+        return None  # main() reports an unusable file (exit code 1)
+    return ckpt if isinstance(ckpt, dict) else None
+
+
+def adopt_checkpoint_architecture(args: argparse.Namespace, ckpt: Optional[dict], given: set[str]) -> None:
+    """Build the model that `ckpt` (the --resume file) was trained as, unless the command line says otherwise."""
+    stored = (ckpt or {}).get("args")
     stored = vars(stored) if isinstance(stored, argparse.Namespace) else stored
     if not isinstance(stored, dict):
         return
@@ -228,7 +248,8 @@ def make_forward(mixup_fn: Optional[Mixup], criterion: nn.Module):
     return classification_forward
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace, resumed: Optional[dict] = None) -> None:
+    """`resumed`: the --resume checkpoint already read by parse_args_and_checkpoint (else it is read here)."""
     env, device = setup(args)
     if args.data_path is None:
         raise SystemExit("--data_path is required (an ImageFolder root with train/ and val/)")
@@ -238,7 +259,8 @@ def main(args: argparse.Namespace) -> None:
     val = val_loader(args, env, val_set)
     if args.eval:
         if args.resume:
-            checkpoint.load_strict(model, eval_weights(args.resume, "model_ema" if args.eval_ema else "model"),
+            ckpt = resumed if resumed is not None else checkpoint.load(args.resume)
+            checkpoint.load_strict(model, eval_weights(ckpt, args.resume, "model_ema" if args.eval_ema else "model"),
                                    args.resume, "--" + ", --".join(ARCHITECTURE_ARGS))
         stats = evaluate(model, val, device, args, distributed=args.dist_eval and env.enabled)
         logger.info("accuracy of the network on %d test images: top-1 %.2f%%, top-5 %.2f%%",
@@ -299,9 +321,8 @@ def best_checkpoint(model: nn.Module, ema: Optional[ModelEmaV3], source: str, ac
     return state
 
 
-def eval_weights(path: str, key: str) -> dict:
-    """The `model` or `model_ema` weights of a checkpoint, for --eval."""
-    ckpt = checkpoint.load(path)
+def eval_weights(ckpt: dict, path: str, key: str) -> dict:
+    """The `model` or `model_ema` weights of checkpoint `ckpt` (read from `path`), for --eval."""
     if key not in ckpt:
         raise checkpoint.CheckpointError(f"{path} has no `{key}` weights (it holds {', '.join(sorted(ckpt))}); "
                                          f"EMA weights are saved by runs with --model_ema")
@@ -319,7 +340,8 @@ def warn_if_not_protocol_batch(args, env: DistEnv) -> None:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point with exit codes: 0 done, 1 non-finite loss / bad data, 143 stopped by a signal."""
-    return run_main(main, parse_args(argv))
+    args, resumed = parse_args_and_checkpoint(argv)
+    return run_main(functools.partial(main, resumed=resumed), args)
 
 
 if __name__ == "__main__":

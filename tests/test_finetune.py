@@ -17,6 +17,7 @@ from benchmarks import bench_pretrain
 from tiny import assert_same_weights, pretrain_argv
 from util import checkpoint
 from util.data import TFRandomResizedCrop, build_finetune_transform, eval_resize_size
+from util.metrics import setup_logging
 from util.optim import LARS, param_groups_layer_decay
 from util.pretrained import load_into, read_backbone, resize_pos_embed
 
@@ -547,6 +548,44 @@ def test_eval_rebuilds_the_model_the_checkpoint_was_trained_as(labelled, pretrai
     assert main_finetune.run([*argv, "--model_kwargs", "depth=3", "embed_dim=64", "num_heads=2"]) == 1
     err = capsys.readouterr().err
     assert "does not match this model" in err and "Traceback" not in err
+
+
+def save_classifier(path, nb_classes):
+    """A fine-tuned tiny ViT checkpoint for `nb_classes` classes, with the args --eval adopts."""
+    torch.save({"model": tiny_vit(num_classes=nb_classes, global_pool="avg").state_dict(),
+                "args": {"model": "vit_tiny_patch16_224", "model_kwargs": TINY_VIT, "nb_classes": nb_classes,
+                         "input_size": 32}}, path)
+    return str(path)
+
+
+def eval_argv(labelled, ckpt, out):
+    return ["--eval", "--resume", ckpt, "--data_path", str(labelled), "--output_dir", str(out), "--batch_size", "8",
+            "--num_workers", "0", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("nb_classes", [5, 1])
+def test_eval_of_a_checkpoint_for_other_classes_exits_2_before_evaluating(labelled, tmp_path, monkeypatch, capsys,
+                                                                          nb_classes):
+    ckpt = save_classifier(tmp_path / "c.pth", nb_classes)
+    setup_logging(True)  # parsing logs the adopted flags: to this test's stderr, not an earlier test's
+    monkeypatch.setattr(main_finetune, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    with pytest.raises(SystemExit) as exc:
+        main_finetune.run(eval_argv(labelled, ckpt, tmp_path / "eval"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert f"--resume {ckpt} classifies {nb_classes} classes but the validation set {labelled / 'val'} has 2" in err
+    # the command line wins: --nb_classes says which head to build (the checkpoint must then fit it)
+    assert main_finetune.parse_args([*eval_argv(labelled, ckpt, tmp_path / "eval"),
+                                     "--nb_classes", "5"]).nb_classes == 5
+
+
+def test_eval_reads_its_checkpoint_once(labelled, tmp_path, monkeypatch):
+    ckpt = save_classifier(tmp_path / "c.pth", 2)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
+    assert main_finetune.run(eval_argv(labelled, ckpt, tmp_path / "eval")) == 0
+    assert reads.count(ckpt) == 1
 
 
 def test_export_of_an_mae_checkpoint_is_named_for_mae_readable_by_others_and_lists_what_it_dropped(tmp_path,
