@@ -85,6 +85,21 @@ def test_resume_mid_epoch_reproduces_uninterrupted_run(data_dir, tmp_path, teach
             pytest.approx({k: v for k, v in b.items() if k.startswith("train_")}, rel=1e-12)
 
 
+def test_progress_after_a_mid_epoch_resume_shows_numbers_not_nan(data_dir, tmp_path, teacher_file, monkeypatch,
+                                                                 capsys):
+    original = fault_at(monkeypatch, 8, before=crash)  # 6 steps per epoch: step 8 is mid-epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        run(data_dir, tmp_path, teacher_file, "--save_interval_min", "0")
+    monkeypatch.setattr(main_pretrain, "pretrain_forward", original)
+    capsys.readouterr()
+    # the meters come back from the checkpoint, and a step's values are read at the next step (at once only
+    # before a checkpoint is written, so not with the default --save_interval_min)
+    assert run(data_dir, tmp_path, teacher_file, "--print_freq", "1") == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if "Epoch: [1] [" in line]
+    assert len(progress) == 5 and "loss: " in progress[0], progress
+    assert all("nan" not in line for line in progress), progress
+
+
 def test_accumulation_matches_larger_batch(data_dir, tmp_path, teacher_file):
     common = ("--epochs", "1", "--mask_ratio", "0.0", "--drop_path", "0", "--lr", "1e-3")
     assert run(data_dir, tmp_path / "big", teacher_file, *common, "--batch_size", "8") == 0

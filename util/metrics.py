@@ -24,6 +24,8 @@ class SmoothedValue:
 
     @property
     def median(self) -> float:
+        if not self.values:  # restored from a checkpoint (which keeps the totals, not the window): nothing newer
+            return self.global_avg
         return float(torch.tensor(list(self.values)).median())
 
     @property
