@@ -61,6 +61,20 @@ def read_only_dir(tmp_path_factory):
     (["--model_kwargs", "embed_dim=64", "num_heads=5"], "cannot be built"),
     (["--model_kwargs", "img_size=64"], "--model_kwargs img_size=...: use --input_size"),
     (["--model_kwargs", "mask_ratio=0.5"], "--model_kwargs mask_ratio=...: use --mask_ratio"),
+    # values, choices and devices
+    (["--mask_ratio", "1.0"], "--mask_ratio"),
+    (["--batch_size", "0"], "--batch_size"),
+    (["--input_size", "50"], "multiple of the patch size"),
+    (["--amp", "fp16", "--device", "cpu"], "fp16 needs CUDA"),
+    (["--data_path", "/no/such/dir"], "does not exist"),
+    (["--top_k", "0"], "--top_k"),
+    (["--mask_type", "block"], "invalid choice"),
+    (["--loss_weights", "best"], "topK"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--data_path", "/no/such/shard-{0..3}.tar"], "4 shard(s) do not exist"),
+    (["--data_backend", "gpu", "--device", "cpu"], "needs --device cuda"),
+    (["--data_backend", "nvjpeg"], "invalid choice"),
+    (["--prefetch_factor", "0"], "--prefetch_factor"),
 ])
 def test_pretrain_flags_exit_2_before_any_model(flags, message, data_dir, tmp_path, teacher_file, capsys,
                                                  monkeypatch):
