@@ -558,11 +558,8 @@ def test_every_patch_visible_or_visible_only_off_runs_the_full_block():
 
 @pytest.mark.parametrize("make", [lambda: TimmTeacher(tiny_timm(), grid_size=2),
                                   lambda: OpenClipTeacher(tiny_clip().visual, grid_size=2)], ids=["timm", "open_clip"])
-def test_weights_kept_in_bf16_compute_what_autocast_computes(make, monkeypatch):
-    """The frozen weights cast once (set_compute_dtype) give the numbers an autocast of float32 weights gives.
-    (nn.MultiheadAttention's CPU inference fast path, which CUDA autocast never takes, would pick another kernel
-    once the weights match the input's dtype; it is switched off here.)"""
-    monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: False)
+def test_weights_kept_in_bf16_compute_what_autocast_computes(make):
+    """The frozen weights cast once (set_compute_dtype) give the numbers an autocast of float32 weights gives."""
     images = raw_images()
     reference = make()
     with torch.autocast("cpu", dtype=torch.bfloat16):
