@@ -1,5 +1,6 @@
 """benchmarks/bench_pretrain.py: its settings, its report and a tiny CPU run through every part but the
 reference (issue #8). It prints figures; nothing here times anything."""
+import logging
 import types
 
 import pytest
@@ -9,6 +10,15 @@ from benchmarks.bench_pretrain import Setting, step_ratio
 
 TINY = ["--device", "cpu", "--model", "maskalign_vit_tiny_patch16", "--model_kwargs", "depth=2",
         "--teacher", "timm:vit_tiny_patch16_224", "--batch_size", "2", "--warmup", "1", "--steps", "1"]
+
+
+@pytest.fixture(autouse=True)
+def maskalign_log_level():
+    """bench_pretrain.run quiets the `maskalign` logger for its timed steps; later tests read its INFO lines."""
+    logger = logging.getLogger("maskalign")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 def parsed(argv, monkeypatch):
