@@ -30,9 +30,12 @@ def temp_files(directory):
 
 def failing_save(error):
     """torch.save that dies part-way through the file, as a full disk makes it."""
-    def save(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"PK\x03\x04 half a checkpoint")
+    def save(obj, path_or_file):
+        if hasattr(path_or_file, "write"):
+            path_or_file.write(b"PK\x03\x04 half a checkpoint")
+        else:
+            with open(path_or_file, "wb") as f:
+                f.write(b"PK\x03\x04 half a checkpoint")
         raise error
     return save
 
@@ -196,18 +199,24 @@ def test_export_of_a_damaged_file_exits_1(tmp_path, damaged, capsys):
         one_line_error(capsys, path)
 
 
-@pytest.mark.parametrize("failing", ["pth", "safetensors", "config.json", "not-about-space"])
+@pytest.mark.parametrize("failing", ["pth", "safetensors", "config.json", "not-about-space", "read-only"])
 def test_export_that_cannot_write_is_one_line_and_leaves_no_file(tmp_path, monkeypatch, capsys, failing):
     torch.save({"model": timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0, depth=2, embed_dim=64,
                                            num_heads=2).state_dict()}, tmp_path / "c.pth")
     out = tmp_path / "out"
-    if failing in ("pth", "not-about-space"):
-        monkeypatch.setattr(checkpoint.torch, "save", failing_save(ENOSPC if failing == "pth" else EIO))
-    else:  # torch.save writes through its own C++ writer, not open()
+    if failing == "read-only":  # a real refusal: an existing directory nobody may write into
+        out = "/proc" if os.geteuid() == 0 else out  # root writes anywhere permission bits allow
+        if out != "/proc":
+            out.mkdir()
+            out.chmod(0o555)
+    elif failing == "not-about-space":
+        monkeypatch.setattr(checkpoint.torch, "save", failing_save(EIO))
+    else:
         real_open = open
+        suffix = {"pth": ".pth", "safetensors": ".safetensors", "config.json": "config.json"}[failing]
 
         def full_disk_open(path, mode="r", *args, **kwargs):
-            if "w" in mode and (failing == "config.json") == ("config.json" in str(path)):
+            if "w" in mode and str(path).split(checkpoint.TEMP_SUFFIX)[0].endswith(suffix):
                 raise OSError(errno.ENOSPC, "No space left on device", path)
             return real_open(path, mode, *args, **kwargs)
         monkeypatch.setattr("builtins.open", full_disk_open)
@@ -216,10 +225,12 @@ def test_export_that_cannot_write_is_one_line_and_leaves_no_file(tmp_path, monke
     assert "Traceback" not in err and len([line for line in err.splitlines() if "export failed" in line]) == 1, err
     if failing == "not-about-space":
         assert f"export failed: cannot write the export to {out}: Input/output error; choose another output_dir" in err
+    elif failing == "read-only":
+        assert f"export failed: cannot write the export to {out}: " in err and "choose another output_dir" in err
     else:
         assert f"export failed: no space left on device in {out}: the export needs" in err
-        assert "Free space or choose another output_dir" in err
-    assert os.listdir(out) == []
+        assert "none of vit_tiny_patch16_224_" in err and "Free space or choose another output_dir" in err
+    assert not [name for name in os.listdir(out) if "vit_tiny" in name or name.startswith("config.json")]
 
 
 def test_resume_from_weights_alone_is_a_clear_error(tmp_path):

@@ -13,7 +13,7 @@ import os
 import pickle
 import re
 import shutil
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -44,8 +44,9 @@ def copy_atomic(source: str, path: str) -> None:
 def write_atomic(writes: dict[str, Callable[[str], Any]], needed: Callable[[], int], what: str = "the checkpoint",
                  advice: str = "Free space, then resume") -> None:
     """Write every path of `writes` (path -> function writing a given file) through its own temp file, then
-    rename them all: a failed write leaves every path as it was, and no temp file. A full disk (or quota) ends in a
-    `CheckpointError` whose one line says how much `what` needs and ends with `advice`."""
+    rename them all. A failed write leaves every path as it was, and no temp file (the renames that follow the
+    writes are each atomic, not all together). A full disk (or quota) ends in a `CheckpointError` whose one line
+    says how much `what` needs and ends with `advice`."""
     temps = {path: f"{path}{TEMP_SUFFIX}{os.getpid()}" for path in writes}
     path = next(iter(writes))
     try:
@@ -61,8 +62,8 @@ def write_atomic(writes: dict[str, Callable[[str], Any]], needed: Callable[[], i
         if isinstance(e, Exception) and _out_of_space(e, directory, needed()):
             raise CheckpointError(
                 f"no space left on device in {directory}: {what} needs {needed() / 2**20:.0f} MB "
-                f"({shutil.disk_usage(directory).free / 2**20:.0f} MB free); {os.path.basename(path)} was not "
-                f"written and the files already there are intact. {advice}") from e
+                f"({shutil.disk_usage(directory).free / 2**20:.0f} MB free); {_none_of(writes)} written and the "
+                f"files already there are intact. {advice}") from e
         raise
 
 
@@ -84,9 +85,14 @@ def tensor_bytes(obj: Any) -> int:
     return sum(storages.values())
 
 
+def _none_of(paths: Sequence[str]) -> str:
+    names = [os.path.basename(p) for p in paths]
+    return f"{names[0]} was not" if len(names) == 1 else f"none of {', '.join(names)} was"
+
+
 def _out_of_space(error: Exception, directory: str, needed: int) -> bool:
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
+    if isinstance(error, OSError):  # it carries the reason
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
     try:  # torch's C++ writer reports a full disk as "unexpected pos ...", without the errno
         return shutil.disk_usage(directory).free < needed
     except OSError:

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import IO, Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -237,10 +237,11 @@ def export_timm(checkpoint_path: str, output_dir: str, model_name: Optional[str]
     config = {"architecture": model_name, "num_classes": 0, "img_size": img_size, "model_kwargs": model_kwargs,
               "source_checkpoint": os.path.abspath(checkpoint_path), "source_format": backbone.source,
               "dropped_keys": dropped, "pretrain_args": backbone.pretrain_args}
-    writes = {paths["pth"]: lambda tmp: torch.save(state, tmp),
+    writes = {paths["pth"]: lambda tmp: _write(tmp, "wb", lambda f: torch.save(state, f)),
               # safetensors' save_file creates its files with mode 0600
-              paths["safetensors"]: lambda tmp: _write(tmp, "wb", save(state, metadata={"format": "pt"})),
-              paths["config"]: lambda tmp: _write(tmp, "w", json.dumps(config, indent=2, default=str))}
+              paths["safetensors"]: lambda tmp: _write(tmp, "wb",
+                                                       lambda f: f.write(save(state, metadata={"format": "pt"}))),
+              paths["config"]: lambda tmp: _write(tmp, "w", lambda f: json.dump(config, f, indent=2, default=str))}
     try:
         os.makedirs(output_dir, exist_ok=True)
         checkpoint.write_atomic(writes, needed=lambda: 2 * checkpoint.tensor_bytes(state), what="the export",
@@ -251,6 +252,8 @@ def export_timm(checkpoint_path: str, output_dir: str, model_name: Optional[str]
     return paths
 
 
-def _write(path: str, mode: str, data: Any) -> None:
+def _write(path: str, mode: str, write_to: Callable[[IO], Any]) -> None:
+    """Through a file Python opens, so that a refused or failed write is an OSError with its errno (torch.save
+    given a path opens it in C++ and raises a RuntimeError without one)."""
     with open(path, mode) as f:
-        f.write(data)
+        write_to(f)
