@@ -129,10 +129,12 @@ def parse_args_and_checkpoint(argv: Optional[Sequence[str]] = None) -> tuple[arg
         data_classes = args.nb_classes  # the validation set's, unless --nb_classes says otherwise
         adopt_checkpoint_architecture(args, resumed, cli.given_on_command_line(get_args_parser, argv))
         if data_classes is not None and args.nb_classes not in (None, data_classes):
+            hint = (f" (or give --nb_classes {args.nb_classes} if these labels are among its classes)"
+                    if args.nb_classes > data_classes else "")
             parser.error(f"--resume {args.resume} classifies {args.nb_classes} classes but the validation set "
                          f"{args.val_file_list or os.path.join(args.data_path, 'val')} has {data_classes}: "
-                         f"evaluate it on the data it was trained on (or give --nb_classes {args.nb_classes} "
-                         f"if these labels are its classes)")
+                         f"evaluate it on the data it was trained on{hint}")
+        resumed = eval_weights_only(resumed, "model_ema" if args.eval_ema else "model")
     cli.check_model(parser, args, lambda: create_vit(args), MODEL_FLAGS)
     return args, resumed
 
@@ -147,6 +149,12 @@ def read_checkpoint(path: str) -> Optional[dict]:
     except checkpoint.CheckpointError:
         return None  # main() reports an unusable file (exit code 1)
     return ckpt if isinstance(ckpt, dict) else None
+
+
+def eval_weights_only(ckpt: Optional[dict], key: str) -> Optional[dict]:
+    """`ckpt` holding only the `key` weights that --eval loads (the other entries' names stay, for messages):
+    the optimizer state and the other weights are not held in memory until evaluation ends."""
+    return None if ckpt is None else {name: value if name == key else None for name, value in ckpt.items()}
 
 
 def adopt_checkpoint_architecture(args: argparse.Namespace, ckpt: Optional[dict], given: set[str]) -> None:
@@ -260,8 +268,10 @@ def main(args: argparse.Namespace, resumed: Optional[dict] = None) -> None:
     if args.eval:
         if args.resume:
             ckpt = resumed if resumed is not None else checkpoint.load(args.resume)
-            checkpoint.load_strict(model, eval_weights(ckpt, args.resume, "model_ema" if args.eval_ema else "model"),
-                                   args.resume, "--" + ", --".join(ARCHITECTURE_ARGS))
+            weights = eval_weights(ckpt, args.resume, "model_ema" if args.eval_ema else "model")
+            ckpt.clear()  # the caller's reference too: nothing of the file is held while evaluating
+            checkpoint.load_strict(model, weights, args.resume, "--" + ", --".join(ARCHITECTURE_ARGS))
+            del weights
         stats = evaluate(model, val, device, args, distributed=args.dist_eval and env.enabled)
         logger.info("accuracy of the network on %d test images: top-1 %.2f%%, top-5 %.2f%%",
                     len(val_set), stats["acc1"], stats["acc5"])

@@ -574,6 +574,8 @@ def test_eval_of_a_checkpoint_for_other_classes_exits_2_before_evaluating(labell
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "Traceback" not in err
     assert f"--resume {ckpt} classifies {nb_classes} classes but the validation set {labelled / 'val'} has 2" in err
+    # the hint is one the parser accepts: --nb_classes may exceed the data's classes, never fall below them
+    assert ("give --nb_classes 5" in err) == (nb_classes == 5)
     # the command line wins: --nb_classes says which head to build (the checkpoint must then fit it)
     assert main_finetune.parse_args([*eval_argv(labelled, ckpt, tmp_path / "eval"),
                                      "--nb_classes", "5"]).nb_classes == 5
@@ -584,8 +586,18 @@ def test_eval_reads_its_checkpoint_once(labelled, tmp_path, monkeypatch):
     reads = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real_load(f, *a, **k))
+    kept = {}
+    real_main = main_finetune.main
+
+    def main(args, resumed=None):
+        kept["before"] = sorted(k for k, v in resumed.items() if v is not None)
+        real_main(args, resumed)
+        kept["after"] = dict(resumed)
+    monkeypatch.setattr(main_finetune, "main", main)
     assert main_finetune.run(eval_argv(labelled, ckpt, tmp_path / "eval")) == 0
     assert reads.count(ckpt) == 1
+    # only the weights it evaluates are held from parsing on, and nothing once they are loaded
+    assert kept == {"before": ["model"], "after": {}}
 
 
 def test_export_of_an_mae_checkpoint_is_named_for_mae_readable_by_others_and_lists_what_it_dropped(tmp_path,
