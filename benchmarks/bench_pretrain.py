@@ -98,8 +98,9 @@ def sync(device: torch.device) -> None:
 
 
 def count_flops(step: Callable[[], None]) -> float:
-    """FLOPs of one call of `step` (CPU attention kernels are counted with torch's own SDPA formulas; the fused
-    CPU inference path of nn.MultiheadAttention, whose inner matmuls the counter cannot see, is switched off)."""
+    """FLOPs of one call of `step` (CPU attention kernels are counted with torch's own SDPA formulas). The fused
+    CPU inference path of nn.MultiheadAttention, whose inner matmuls the counter cannot see, is switched off for
+    any model that holds one (our teachers compute their blocks without it)."""
     aten = torch.ops.aten
     cpu_attention = {
         aten._scaled_dot_product_flash_attention_for_cpu:
@@ -348,23 +349,25 @@ def plan(args) -> list[tuple[str, str, Callable[[], tuple[Callable, float]], boo
     """(name, amp, builder, compiled, loop mask ratio or None) for every setting asked for."""
     device = torch.device(args.device)
     loop_ratio = args.mask_ratio if args.loop else None
-    settings = [(f"ours MaskAlign {args.amp} eager", args.amp,
-                 lambda: build_ours(args, device, args.mask_ratio, args.amp, False), False, loop_ratio)]
-    if args.ref:  # next to ours, so that each round's pair of blocks sees the same machine
+
+    def ours(mask_ratio: float, amp: str, compiled: bool) -> Callable[[], tuple[Callable, float]]:
+        return lambda: build_ours(args, device, mask_ratio, amp, compiled)
+
+    settings = [(f"ours MaskAlign {args.amp} eager", args.amp, ours(args.mask_ratio, args.amp, False), False,
+                 loop_ratio)]
+    if args.ref:  # between ours in its precision and ours compiled: each ratio pairs blocks timed back to back
         ref_amp = args.ref_amp or ("fp16" if device.type == "cuda" else "none")
         if ref_amp != args.amp:
-            settings.append((f"ours MaskAlign {ref_amp} eager", ref_amp,
-                             lambda: build_ours(args, device, args.mask_ratio, ref_amp, False), False, None))
+            settings.append((f"ours MaskAlign {ref_amp} eager", ref_amp, ours(args.mask_ratio, ref_amp, False),
+                             False, None))
         settings.append((f"reference {ref_amp}" + (" + GradScaler" if ref_amp == "fp16" else ""), ref_amp,
                          lambda: build_reference(args, device, ref_amp), False, None))
-    settings.append((f"ours FD {args.amp} eager", args.amp, lambda: build_ours(args, device, 0.0, args.amp, False),
-                     False, None))
-    if args.compile:  # last: the slowest to build
-        settings.append((f"ours MaskAlign {args.amp} compiled", args.amp,
-                         lambda: build_ours(args, device, args.mask_ratio, args.amp, True), True, loop_ratio))
-        if args.compile_fd:
-            settings.append((f"ours FD {args.amp} compiled", args.amp,
-                             lambda: build_ours(args, device, 0.0, args.amp, True), True, None))
+    if args.compile:
+        settings.append((f"ours MaskAlign {args.amp} compiled", args.amp, ours(args.mask_ratio, args.amp, True),
+                         True, loop_ratio))
+    settings.append((f"ours FD {args.amp} eager", args.amp, ours(0.0, args.amp, False), False, None))
+    if args.compile and args.compile_fd:
+        settings.append((f"ours FD {args.amp} compiled", args.amp, ours(0.0, args.amp, True), True, None))
     return settings
 
 
@@ -379,7 +382,16 @@ def run(args) -> None:
     print(f"{args.model} + {args.teacher}, batch {args.batch_size}, mask {args.mask_ratio} attentive, "
           f"align {args.align}, {args.warmup} warm-up steps, {args.rounds} round(s) of {args.steps} timed steps",
           flush=True)
-    logging.getLogger("maskalign").setLevel(logging.WARNING)
+    quiet = logging.getLogger("maskalign")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the models' and the loop's INFO lines would bury the figures
+    try:
+        print_report(args, device, time_settings(args, device))
+    finally:
+        quiet.setLevel(level)
+
+
+def time_settings(args, device: torch.device) -> list[Setting]:
     planned = plan(args)
     settings = []
     if args.rounds == 1:  # one at a time: each peak memory figure is the setting's own
@@ -407,7 +419,7 @@ def run(args) -> None:
         for setting, (_, amp, _, compiled, loop_ratio) in zip(settings, planned):
             if loop_ratio is not None:
                 setting.loop_img_s = loop_img_s(args, device, loop_ratio, amp, compiled)
-    print_report(args, device, settings)
+    return settings
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -59,5 +59,6 @@ fi
 "$py" -c "import torch, timm, open_clip; print('torch', torch.__version__, 'timm', timm.__version__, 'open_clip', open_clip.__version__)"
 
 # ViT-B/16 student + CLIP-B/16 teacher at mask 0.7: bf16 (CUDA) eager and compiled, each bare and through the
-# loop, FD eager, ours in the reference's precision and the reference (fp16 + GradScaler on CUDA)
-"$py" benchmarks/bench_pretrain.py --device "$device" "${size[@]}" --compile --loop "${ref[@]}"
+# loop, FD eager, ours in the reference's precision and the reference (fp16 + GradScaler on CUDA). Every figure
+# is for the reference's alignment (--align official), whether or not the reference source is there to compare.
+"$py" benchmarks/bench_pretrain.py --device "$device" "${size[@]}" --align official --compile --loop "${ref[@]}"
