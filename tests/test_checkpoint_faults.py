@@ -233,6 +233,19 @@ def test_export_that_cannot_write_is_one_line_and_leaves_no_file(tmp_path, monke
     assert not [name for name in os.listdir(out) if "vit_tiny" in name or name.startswith("config.json")]
 
 
+def test_export_removes_the_temp_files_of_a_killed_export(tmp_path):
+    torch.save({"model": timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0, depth=2, embed_dim=64,
+                                           num_heads=2).state_dict()}, tmp_path / "c.pth")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [f"vit_tiny_patch16_224_mae.pth{checkpoint.TEMP_SUFFIX}123", f"config.json{checkpoint.TEMP_SUFFIX}9"]
+    for name in stale + ["notes.txt"]:
+        (out / name).write_bytes(b"half")
+    assert export_timm.main([str(tmp_path / "c.pth"), str(out), *TINY_VIT_FLAGS]) == 0
+    left = sorted(os.listdir(out))
+    assert not set(stale) & set(left) and "notes.txt" in left and "config.json" in left, left
+
+
 def test_resume_from_weights_alone_is_a_clear_error(tmp_path):
     save_file({"w": torch.randn(8, 8)}, str(tmp_path / "w.safetensors"))
     with pytest.raises(checkpoint.CheckpointError, match="holds no training state"):

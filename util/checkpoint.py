@@ -99,14 +99,16 @@ def _out_of_space(error: Exception, directory: str, needed: int) -> bool:
         return False
 
 
-def remove_stale_temp_files(directory: str) -> None:
+def remove_stale_temp_files(directory: str, patterns: Sequence[str] = ("*.pth",)) -> None:
     """Temp files of writes that were killed (SIGKILL, a lost node) would pile up over requeues and fill
-    the disk; only rank 0 writes, and nothing is being written when a run starts."""
-    for path in glob.glob(os.path.join(glob.escape(directory), f"*.pth{TEMP_SUFFIX}*")):
-        if re.search(r"\.tmp\.\d+$", path) and os.path.isfile(path):
-            size = os.path.getsize(path)
-            os.remove(path)
-            logger.warning("removed %s (%.0f MB), left by an interrupted checkpoint write", path, size / 2**20)
+    the disk; only rank 0 writes, and nothing is being written when a run starts. `patterns`: glob patterns
+    of the files whose temp files to remove."""
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(glob.escape(directory), f"{pattern}{TEMP_SUFFIX}*")):
+            if re.search(r"\.tmp\.\d+$", path) and os.path.isfile(path):
+                size = os.path.getsize(path)
+                os.remove(path)
+                logger.warning("removed %s (%.0f MB), left by an interrupted write", path, size / 2**20)
 
 
 # MAE's and the reference MaskAlign code's `save_model` store `args` as an argparse.Namespace: a plain

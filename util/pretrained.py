@@ -10,6 +10,7 @@
 dropped) and reports what was dropped or left missing. Everything is read with `weights_only=True`.
 """
 import argparse
+import glob
 import json
 import logging
 import os
@@ -244,6 +245,7 @@ def export_timm(checkpoint_path: str, output_dir: str, model_name: Optional[str]
               paths["config"]: lambda tmp: _write(tmp, "w", lambda f: json.dump(config, f, indent=2, default=str))}
     try:
         os.makedirs(output_dir, exist_ok=True)
+        checkpoint.remove_stale_temp_files(output_dir, [glob.escape(os.path.basename(p)) for p in writes])
         checkpoint.write_atomic(writes, needed=lambda: 2 * checkpoint.tensor_bytes(state), what="the export",
                                 advice="Free space or choose another output_dir")
     except OSError as e:  # not about space (read-only, permissions, I/O error): nothing was written either
