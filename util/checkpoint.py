@@ -48,7 +48,6 @@ def write_atomic(writes: dict[str, Callable[[str], Any]], needed: Callable[[], i
     writes are each atomic, not all together). A full disk (or quota) ends in a `CheckpointError` whose one line
     says how much `what` needs and ends with `advice`."""
     temps = {path: f"{path}{TEMP_SUFFIX}{os.getpid()}" for path in writes}
-    path = next(iter(writes))
     try:
         for path, write in writes.items():
             write(temps[path])
@@ -58,7 +57,7 @@ def write_atomic(writes: dict[str, Callable[[str], Any]], needed: Callable[[], i
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
-        directory = os.path.dirname(os.path.abspath(path))
+        directory = os.path.dirname(os.path.abspath(next(iter(writes))))  # every caller writes into one directory
         if isinstance(e, Exception) and _out_of_space(e, directory, needed()):
             raise CheckpointError(
                 f"no space left on device in {directory}: {what} needs {needed() / 2**20:.0f} MB "
