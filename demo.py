@@ -22,7 +22,8 @@ import os
 import platform
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 

@@ -20,8 +20,9 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -56,7 +57,8 @@ class StopSignals:
     """SIGUSR1 asks for a checkpoint; SIGTERM for a checkpoint and a clean stop.
 
     Handlers only raise *pending* requests, whenever the signal lands. Each micro-step hands the pending
-    requests to one all-reduce among the hosts, and the loop acts only on the *agreed* result, which is the same on every rank
+    requests to one all-reduce among the hosts, and the loop acts only on the *agreed* result, which is the same on
+    every rank
     at every step boundary even when the signal reached the ranks at different moments.
     `actions` maps each handled signal to "save" or "stop"; a launcher may remap them for its process
     (submitit_launch.py: the preemption signal stops, SIGTERM only saves).
@@ -243,7 +245,8 @@ class StepSums:
     def add(sums: Optional["StepSums"], loss: torch.Tensor, metrics: dict[str, Any]) -> "StepSums":
         loss = loss.detach().float().reshape(())
         values = [loss, (~torch.isfinite(loss)).float()]
-        values += [v.detach().float().reshape(()) if torch.is_tensor(v) else torch.full((), float(v), device=loss.device)
+        values += [v.detach().float().reshape(()) if torch.is_tensor(v)
+                   else torch.full((), float(v), device=loss.device)
                    for v in metrics.values()]
         values = torch.stack(values)
         if sums is None:

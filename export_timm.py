@@ -9,7 +9,8 @@
 import argparse
 import logging
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from util.args import ParseKwargs, new_parser
 from util.checkpoint import CheckpointError

@@ -7,9 +7,9 @@
 import argparse
 import json
 import logging
-import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import timm
 import torch

@@ -21,10 +21,24 @@ import torch.nn as nn
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from maskalign.alignment import (ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS, DynamicAlignment,
-                            alignment_loss, normalize_target)
-from maskalign.masking import (MASK_TYPES, attentive_visible, check_mask_ratio, gather_tokens,
-                          mask_from_visible, num_visible, random_visible)
+from maskalign.alignment import (
+    ADAPTORS,
+    ALIGN_FORMS,
+    LOSS_TYPES,
+    TARGET_NORMS,
+    DynamicAlignment,
+    alignment_loss,
+    normalize_target,
+)
+from maskalign.masking import (
+    MASK_TYPES,
+    attentive_visible,
+    check_mask_ratio,
+    gather_tokens,
+    mask_from_visible,
+    num_visible,
+    random_visible,
+)
 from maskalign.pos_embed import sincos_2d_pos_embed
 from maskalign.teachers import Teacher, build_teacher
 

@@ -44,9 +44,10 @@ import shlex
 import shutil
 import sys
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 from unittest import mock
 
 import submitit
@@ -147,7 +148,8 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.job_name is None:
         args.job_name = f"maskalign_{args.task}"
     checks = [(args.ngpus >= 0, "--ngpus must be >= 0"), (args.nodes >= 1, "--nodes must be >= 1"),
-              (args.tasks_per_node >= 1, "--tasks_per_node must be >= 1"), (args.timeout >= 1, "--timeout must be >= 1"),
+              (args.tasks_per_node >= 1, "--tasks_per_node must be >= 1"),
+              (args.timeout >= 1, "--timeout must be >= 1"),
               (not (args.local and args.nodes > 1), "--local runs on this machine only: use --nodes 1"),
               (args.sweep is None or os.path.isfile(args.sweep), f"--sweep {args.sweep} does not exist"),
               (not (args.local and args.after), "--after is a SLURM dependency: run the jobs one after another "

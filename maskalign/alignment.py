@@ -5,7 +5,7 @@ Notation: S student blocks, T teacher blocks, K target levels (the last K teache
 `weight[i, j]` is w_ij of eq. (1): how much student block i contributes to teacher level j.
 """
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

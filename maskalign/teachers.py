@@ -45,7 +45,8 @@ import socket
 import urllib.parse
 import warnings
 import zipfile
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
 
 import huggingface_hub
 import open_clip
@@ -168,7 +169,7 @@ class Teacher(nn.Module):
     def _attention_parts(self, block: nn.Module) -> _AttentionParts:
         raise NotImplementedError
 
-    def train(self, mode: bool = True) -> "Teacher":
+    def train(self, mode: bool = True) -> Teacher:
         """Stay in eval mode whatever a parent module asks: the teacher's targets must not change."""
         return super().train(False)
 
@@ -251,7 +252,7 @@ class Teacher(nn.Module):
         (`heads`: B x H x n x head_dim, before any head scale and the output projection)."""
         raise NotImplementedError
 
-    def set_compute_dtype(self, dtype: Optional[torch.dtype]) -> "Teacher":
+    def set_compute_dtype(self, dtype: Optional[torch.dtype]) -> Teacher:
         """Keep the matmul weights (Linear, Conv, attention in-projection) once in `dtype` and run the
         forward under autocast to it, instead of casting the frozen weights on every step. Under an
         autocast to the same dtype the numbers are those of the float32 weights; norms stay float32."""
@@ -615,8 +616,8 @@ def _hf_state(path: str, expected: str) -> Optional[dict[str, torch.Tensor]]:
         if layout == expected or (layout == "clip" and expected == "vit"):
             return state
         if layout is not None:
-            raise ValueError(f"this is a transformers ViT file (DINO-style); use a timm teacher, e.g. "
-                             f"--teacher facebook/dino-vitb16")
+            raise ValueError("this is a transformers ViT file (DINO-style); use a timm teacher, e.g. "
+                             "--teacher facebook/dino-vitb16")
     return None
 
 

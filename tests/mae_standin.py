@@ -50,7 +50,7 @@ FILES = {
                                                    align_corners=False)
             checkpoint_model["pos_embed"] = torch.cat([extra, grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
     ''',
-    "util/misc.py": '''
+    "util/misc.py": """
         import math
 
         import torch
@@ -108,8 +108,8 @@ FILES = {
 
         def all_reduce_mean(x):
             return x
-    ''',
-    "util/lr_sched.py": '''
+    """,
+    "util/lr_sched.py": """
         import math
 
 
@@ -122,8 +122,8 @@ FILES = {
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             return lr
-    ''',
-    "util/lr_decay.py": '''
+    """,
+    "util/lr_decay.py": """
         def get_layer_id_for_vit(name, num_layers):
             if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
                 return 0
@@ -145,8 +145,8 @@ FILES = {
                                         "weight_decay": 0.0 if no_decay else weight_decay, "params": []})
                 groups[key]["params"].append(p)
             return list(groups.values())
-    ''',
-    "util/lars.py": '''
+    """,
+    "util/lars.py": """
         import torch
 
 
@@ -154,15 +154,15 @@ FILES = {
             def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, trust_coefficient=0.001):
                 super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                               trust_coefficient=trust_coefficient))
-    ''',
-    "util/crop.py": '''
+    """,
+    "util/crop.py": """
         from torchvision import transforms
 
 
         class RandomResizedCrop(transforms.RandomResizedCrop):
             pass
-    ''',
-    "util/datasets.py": '''
+    """,
+    "util/datasets.py": """
         from torchvision import datasets, transforms
 
 
@@ -173,8 +173,8 @@ FILES = {
         def build_dataset(is_train, args):
             root = f"{args.data_path}/{'train' if is_train else 'val'}"
             return datasets.ImageFolder(root, transform=build_transform(is_train, args))
-    ''',
-    "models_mae.py": '''
+    """,
+    "models_mae.py": """
         import torch.nn as nn
 
         from util.pos_embed import get_2d_sincos_pos_embed
@@ -188,7 +188,7 @@ FILES = {
 
         def mae_vit_base_patch16(**kwargs):
             return MaskedAutoencoderViT(**kwargs)
-    ''',
+    """,
     "models_vit.py": '''
         import timm.models.vision_transformer
         import torch
@@ -219,7 +219,7 @@ FILES = {
         def vit_base_patch16(**kwargs):
             return VisionTransformer(patch_size=16, embed_dim=768, depth=12, num_heads=12, **kwargs)
     ''',
-    "engine_pretrain.py": '''
+    "engine_pretrain.py": """
         import math
 
         import torch
@@ -250,8 +250,8 @@ FILES = {
                     optimizer.zero_grad()
                 losses.append(loss_value)
             return {"loss": sum(losses) / len(losses)}
-    ''',
-    "engine_finetune.py": '''
+    """,
+    "engine_finetune.py": """
         import torch
 
         import util.misc as misc
@@ -270,8 +270,8 @@ FILES = {
                 hits += (model(images.to(device)).argmax(-1) == target.to(device)).sum().item()
                 total += len(target)
             return {"acc1": 100.0 * hits / max(total, 1)}
-    ''',
-    "main_pretrain.py": '''
+    """,
+    "main_pretrain.py": """
         import argparse
 
         import models_mae
@@ -286,7 +286,7 @@ FILES = {
             parser.add_argument("--mask_ratio", default=0.75, type=float)
             parser.add_argument("--norm_pix_loss", action="store_true")
             return parser
-    ''',
+    """,
     "main_finetune.py": '''
         import argparse
 
@@ -318,14 +318,14 @@ FILES = {
             torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)
             return msg
     ''',
-    "main_linprobe.py": '''
+    "main_linprobe.py": """
         import models_vit
         import util.misc as misc
         from engine_finetune import evaluate, train_one_epoch
         from util.crop import RandomResizedCrop
         from util.lars import LARS
         from util.pos_embed import interpolate_pos_embed
-    ''',
+    """,
     "submitit_pretrain.py": "import main_pretrain as trainer\n",
     "submitit_finetune.py": "import main_finetune as trainer\n",
     "submitit_linprobe.py": "import main_linprobe as trainer\n",

@@ -5,12 +5,12 @@ import re
 
 import pytest
 from PIL import Image
+from tiny import pretrain_argv
 
 import main_finetune
 import main_pretrain
 import models_maskalign
 import submitit_launch
-from tiny import pretrain_argv
 
 READ_ONLY_DIR = "/proc" if os.geteuid() == 0 else None  # root writes anywhere permission bits allow
 

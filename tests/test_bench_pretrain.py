@@ -46,7 +46,8 @@ def test_step_ratio_pairs_the_blocks_of_each_round():
     ref = Setting("reference", "none", None, 1.0, times=[1.0, 2.5, 1.0])
     # medians 1.0 / 1.0; per round 1.0, 0.8, 0.9
     assert step_ratio(ours, ref) == "1.00; per round: median 0.90, range 0.80-1.00"
-    assert step_ratio(Setting("o", "none", None, 1.0, times=[3.0]), Setting("r", "none", None, 1.0, times=[4.0])) == "0.75"
+    ours, reference = (Setting(name, "none", None, 1.0, times=[t]) for name, t in (("o", 3.0), ("r", 4.0)))
+    assert step_ratio(ours, reference) == "0.75"
 
 
 def test_a_tiny_cpu_run_reports_every_setting(capsys):

@@ -9,12 +9,12 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from tiny import pretrain_argv
 
 import engine
 import export_timm
 import main_finetune
 import main_pretrain
-from tiny import pretrain_argv
 from util import checkpoint
 
 TINY_VIT_FLAGS = ["--model", "vit_tiny_patch16_224", "--model_kwargs", "depth=2", "embed_dim=64", "num_heads=2"]

@@ -3,8 +3,8 @@ import copy
 
 import torch
 
-from models_maskalign import create_maskalign
 from maskalign.teachers import build_teacher
+from models_maskalign import create_maskalign
 from util.compile import CompileWatch, compile_in_place
 
 
@@ -49,13 +49,15 @@ def test_compiled_step_matches_eager_without_graph_breaks_or_recompiles():
 def test_compile_flag_compiles_the_model_in_both_entry_points(data_dir, tmp_path, teacher_file, monkeypatch):
     """--compile reaches engine.fit, which compiles the task's model in place before wrapping it (the compiled
     numbers themselves are the test above; here only the wiring, without paying for a compilation)."""
+    from tiny import pretrain_argv
+
     import engine
     import main_finetune
     import main_pretrain
-    from tiny import pretrain_argv
 
     compiled = []
-    monkeypatch.setattr(engine, "compile_in_place", lambda model: compiled.append(type(model).__name__) or CompileWatch())
+    monkeypatch.setattr(engine, "compile_in_place",
+                        lambda model: compiled.append(type(model).__name__) or CompileWatch())
     assert main_finetune.parse_args(["--compile", "--device", "cpu"]).compile
     assert main_pretrain.run(pretrain_argv(data_dir, tmp_path, teacher_file, "--compile", "--epochs", "1")) == 0
     assert compiled == ["MaskAlignViT"]

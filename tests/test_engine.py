@@ -6,14 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from tiny import assert_same_weights
 from torch.nn.parallel import DistributedDataParallel
 
 import engine
 from util import checkpoint
 from util.distributed import DistEnv
 from util.metrics import MetricLogger, TensorboardWriter
-
-from tiny import assert_same_weights
 
 
 def loop_context(tmp_path, saves, lr_given=False, **args):
@@ -180,8 +179,8 @@ def test_workers_that_drop_stop_signals_still_end_with_the_main_process():
 
 
 def linear_task(tmp_path, steps, nan_at=None, optimizer="adamw"):
-    """A linear model trained on `steps` batches of a 4-step epoch; the loss of step `nan_at` is NaN. Returns the model, the
-    optimizer and the events of the run: ("forward", step) and ("read", step) in the order they happened."""
+    """A linear model trained on `steps` batches of a 4-step epoch; the loss of step `nan_at` is NaN. Returns the model,
+    the optimizer and the events of the run: ("forward", step) and ("read", step) in the order they happened."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = (torch.optim.AdamW(model.parameters(), lr=0.1, fused=True) if optimizer == "adamw"

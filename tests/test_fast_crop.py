@@ -10,10 +10,15 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision import transforms
 
-from util.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RobustImageDataset, build_train_data
-from util.data import shipped_photos
-from util.fast_crop import (FastRandomResizedCrop, NormalizeOnDevice, TorchvisionCropBox, dct_scale,
-                            normalize_pixels, resized_crop)
+from util.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RobustImageDataset, build_train_data, shipped_photos
+from util.fast_crop import (
+    FastRandomResizedCrop,
+    NormalizeOnDevice,
+    TorchvisionCropBox,
+    dct_scale,
+    normalize_pixels,
+    resized_crop,
+)
 
 SIZE = 64
 
@@ -31,15 +36,15 @@ def as_tensor(image: Image.Image) -> torch.Tensor:
 
 def jpeg(image: Image.Image, path=None, quality=90) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, 'JPEG', quality=quality)
+    image.save(buffer, "JPEG", quality=quality)
     if path is not None:
         path.write_bytes(buffer.getvalue())
     return buffer.getvalue()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def astronaut():
-    return Image.open(shipped_photos()[0]).convert('RGB')  # 512 x 512 photo
+    return Image.open(shipped_photos()[0]).convert("RGB")  # 512 x 512 photo
 
 
 def coordinate_image(width=640, height=480) -> Image.Image:
@@ -62,10 +67,10 @@ def recovered_crop(out: torch.Tensor, width=640, height=480):
 def test_crop_scale_and_aspect_distributions_match_the_reference(tmp_path):
     """Independent seeds for the two paths: scale and aspect-ratio samples pass a two-sample KS test, the flip
     rate is a half; with the same seeds, each crop is the reference's crop."""
-    path = tmp_path / 'coords.jpg'
+    path = tmp_path / "coords.jpg"
     jpeg(coordinate_image(), path, quality=95)
     fast, ref, n = FastRandomResizedCrop(SIZE), reference(), 300
-    image = Image.open(path).convert('RGB')
+    image = Image.open(path).convert("RGB")
 
     def crops(transform, seeds, source):
         result = []
@@ -88,13 +93,13 @@ def test_crop_scale_and_aspect_distributions_match_the_reference(tmp_path):
     assert (same_seeds[:, 2] == ref_crops[:, 2]).all()
 
 
-@pytest.mark.parametrize('box', [(10, 20, 100, 90), (30, 17, 200, 150), (5, 3, 300, 280), (0, 0, 512, 512),
+@pytest.mark.parametrize("box", [(10, 20, 100, 90), (30, 17, 200, 150), (5, 3, 300, 280), (0, 0, 512, 512),
                                  (101, 77, 400, 300)])
 def test_same_box_stays_within_interpolation_tolerance_of_todays_path(astronaut, box):
     """Reduced decode (1/2, 1/4, 1/8) + a float box vs full decode + bicubic: close, and much closer than the
     box moved by one reduced pixel, so the box maps exactly."""
     data = jpeg(astronaut)
-    full = Image.open(io.BytesIO(data)).convert('RGB')
+    full = Image.open(io.BytesIO(data)).convert("RGB")
 
     def todays(top, left, h, w):  # what RandomResizedCrop does with the box: crop, then resize
         return as_tensor(full.crop((left, top, left + w, top + h)).resize((SIZE, SIZE), Image.BICUBIC)).float()
@@ -111,20 +116,20 @@ def test_same_box_stays_within_interpolation_tolerance_of_todays_path(astronaut,
 
 
 def test_png_and_flip_give_exactly_the_reference_pixels(astronaut, tmp_path):
-    astronaut.save(tmp_path / 'a.png')
+    astronaut.save(tmp_path / "a.png")
     fast, ref = FastRandomResizedCrop(SIZE), reference()
     for seed in range(6):
         torch.manual_seed(seed)
-        expected = as_tensor(ref(Image.open(tmp_path / 'a.png').convert('RGB')))
+        expected = as_tensor(ref(Image.open(tmp_path / "a.png").convert("RGB")))
         torch.manual_seed(seed)
-        assert torch.equal(fast(str(tmp_path / 'a.png')), expected)
+        assert torch.equal(fast(str(tmp_path / "a.png")), expected)
 
 
 def test_normalisation_on_the_device_equals_to_tensor_and_normalize():
     images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(4)
     out, out_labels = NormalizeOnDevice(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)([images, labels],
-                                                                                       torch.device('cpu'))
+                                                                                       torch.device("cpu"))
     normalize = transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     expected = torch.stack([normalize(transforms.functional.to_tensor(im.permute(1, 2, 0).numpy()))
                             for im in images])
@@ -132,15 +137,15 @@ def test_normalisation_on_the_device_equals_to_tensor_and_normalize():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize('kind', ['truncated', 'garbage', 'empty'])
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "empty"])
 def test_bad_jpeg_is_logged_counted_and_substituted(astronaut, tmp_path, kind, caplog):
     data = jpeg(astronaut)
-    bad = tmp_path / 'bad.jpg'
-    bad.write_bytes({'truncated': data[:len(data) // 2], 'garbage': b'\xff\xd8 not a jpeg', 'empty': b''}[kind])
-    good = tmp_path / 'good.jpg'
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\xff\xd8 not a jpeg", "empty": b""}[kind])
+    good = tmp_path / "good.jpg"
     good.write_bytes(data)
     ds = RobustImageDataset([(str(bad), 1), (str(good), 0)], max_bad_fraction=1.0, loader=FastRandomResizedCrop(SIZE))
-    with caplog.at_level(logging.WARNING, logger='maskalign.data'):
+    with caplog.at_level(logging.WARNING, logger="maskalign.data"):
         image, label = ds[0]
     assert image.dtype == torch.uint8 and image.shape == (3, SIZE, SIZE) and label == 0
     assert (ds.num_bad, ds.num_attempted) == (1, 2) and str(bad) in caplog.text
@@ -170,32 +175,32 @@ def test_workers_draw_the_crops_the_main_process_draws(astronaut, tmp_path):
     from torch.utils.data import DataLoader
 
     from util.sampler import PerSampleSeeded, ResumableDistributedSampler
-    samples = [(jpeg(astronaut.rotate(10 * k), tmp_path / f'{k}.jpg') and str(tmp_path / f'{k}.jpg'), k)
+    samples = [(jpeg(astronaut.rotate(10 * k), tmp_path / f"{k}.jpg") and str(tmp_path / f"{k}.jpg"), k)
                for k in range(6)]
     dataset = PerSampleSeeded(RobustImageDataset(samples, loader=FastRandomResizedCrop(SIZE)), seed=3)
     sampler = ResumableDistributedSampler(len(dataset), seed=3, tag_epoch=True)
     sampler.set_epoch(2)
-    loader = DataLoader(dataset, batch_size=3, sampler=sampler, num_workers=2, multiprocessing_context='fork')
+    loader = DataLoader(dataset, batch_size=3, sampler=sampler, num_workers=2, multiprocessing_context="fork")
     from_workers = torch.cat([images for images, _ in loader])
     in_process = torch.stack([dataset[tagged][0] for tagged in sampler])
     assert torch.equal(from_workers, in_process)
 
 
-@pytest.mark.parametrize('linprobe_crop', [None, 'mae', 'torchvision'])
+@pytest.mark.parametrize("linprobe_crop", [None, "mae", "torchvision"])
 def test_pil_and_fast_backends_crop_the_same_box(astronaut, tmp_path, linprobe_crop):
     """Pre-training's crop and both linear-probe crops: on PNG files (PIL's exact path in both backends) the
     fast backend's uint8 output, normalised, is the pil backend's output."""
-    (tmp_path / 'train' / 'c').mkdir(parents=True)
+    (tmp_path / "train" / "c").mkdir(parents=True)
     for k in range(3):
-        astronaut.rotate(20 * k).resize((300, 200)).save(tmp_path / 'train' / 'c' / f'{k}.png')
+        astronaut.rotate(20 * k).resize((300, 200)).save(tmp_path / "train" / "c" / f"{k}.png")
     outputs = {}
-    for backend in ('pil', 'fast'):
+    for backend in ("pil", "fast"):
         data = build_train_data(backend, str(tmp_path), SIZE, linprobe_crop=linprobe_crop)
         outputs[backend] = []
         for k in range(3):
             torch.manual_seed(k)
             outputs[backend].append(data.dataset[k][0])
-    for pil_out, fast_out in zip(outputs['pil'], outputs['fast']):
+    for pil_out, fast_out in zip(outputs["pil"], outputs["fast"]):
         assert fast_out.dtype == torch.uint8
         torch.testing.assert_close(normalize_pixels(fast_out[None], IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)[0],
                                    pil_out, rtol=0, atol=1e-5)

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from tiny import assert_same_weights, pretrain_argv
 from torchvision import transforms
 
 import export_timm
@@ -14,7 +15,6 @@ import main_finetune
 import main_pretrain
 import submitit_launch
 from benchmarks import bench_pretrain
-from tiny import assert_same_weights, pretrain_argv
 from util import checkpoint
 from util.data import TFRandomResizedCrop, build_finetune_transform, eval_resize_size
 from util.metrics import setup_logging
@@ -207,7 +207,7 @@ def test_finetune_beats_chance_with_ema(labelled, pretrained_ckpt, tmp_path):
     best = checkpoint.load(str(out / "checkpoint-best.pth"))
     assert main_finetune.run(finetune_argv(labelled, tmp_path / "eval", "--eval", "--resume",
                                            str(out / "checkpoint-best.pth"))) == 0
-    assert best["acc1"] == max(max(l["test_acc1"], l["test_ema_acc1"]) for l in lines)
+    assert best["acc1"] == max(max(rec["test_acc1"], rec["test_ema_acc1"]) for rec in lines)
     assert best["model_ema"].keys() == best["model"].keys()
 
 
@@ -299,8 +299,8 @@ def test_reference_pretraining_checkpoint_resumes_in_the_official_form(tmp_path)
     pre-training in `--align official` with the same predictions."""
     import argparse
 
-    from models_maskalign import create_maskalign
     from maskalign.teachers import build_teacher
+    from models_maskalign import create_maskalign
 
     def official_model():
         torch.manual_seed(0)

@@ -10,18 +10,23 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import engine
-from util.data import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, TooManyBadSamplesError, build_train_data)
-from util.data import shipped_photos
+from util.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    TooManyBadSamplesError,
+    build_train_data,
+    shipped_photos,
+)
 from util.fast_crop import FastRandomResizedCrop, normalize_pixels
 from util.gpu_decode import EncodedCrop, crop_boxes
 from util.sampler import PerSampleSeeded
 
 SIZE = 64
-CPU = torch.device('cpu')
+CPU = torch.device("cpu")
 
 
 def photo(index=0, size=None) -> Image.Image:
-    image = Image.open(shipped_photos()[index]).convert('RGB')
+    image = Image.open(shipped_photos()[index]).convert("RGB")
     return image.resize(size, Image.BICUBIC) if size else image
 
 
@@ -32,7 +37,7 @@ def save_jpeg(image, path):
 
 def test_workers_draw_the_fast_paths_crop_box(tmp_path):
     """Same seed, same box and flip as the CPU paths (so exact resume and the crop distribution carry over)."""
-    path = save_jpeg(photo(0, (300, 200)), tmp_path / 'a.jpg')
+    path = save_jpeg(photo(0, (300, 200)), tmp_path / "a.jpg")
     for seed in range(20):
         torch.manual_seed(seed)
         data, box, flip, name = EncodedCrop(SIZE)(path)
@@ -40,7 +45,7 @@ def test_workers_draw_the_fast_paths_crop_box(tmp_path):
         top, left, h, w = transforms.RandomResizedCrop.get_params(torch.empty(3, 200, 300), [0.2, 1.0], [3 / 4, 4 / 3])
         assert box.tolist() == [left, top, left + w, top + h]
         assert flip == bool(torch.rand(1) < 0.5) and name == path
-        assert bytes(data.numpy()) == open(path, 'rb').read()
+        assert bytes(data.numpy()) == open(path, "rb").read()
 
 
 def test_roi_align_crops_match_the_reference_resize():
@@ -63,34 +68,34 @@ def encoded_batch(tmp_path, kinds, labels=None):
     paths = []
     for k, kind in enumerate(kinds):
         image = photo(k % 3, (120, 90))
-        if kind == 'png':
-            paths.append(str(tmp_path / f'{k}.png'))
+        if kind == "png":
+            paths.append(str(tmp_path / f"{k}.png"))
             image.save(paths[-1])
         else:
-            paths.append(save_jpeg(image, tmp_path / f'{k}.jpg'))
-            data = open(paths[-1], 'rb').read()
-            if kind == 'bad':  # header and end marker intact, no image data: only the decode can tell
-                open(paths[-1], 'wb').write(data[:data.index(b'\xff\xda')] + bytes(range(256)) + b'\xff\xd9')
-            if kind == 'cut':
-                open(paths[-1], 'wb').write(data[:len(data) // 3])
-    folder = tmp_path / 'list.txt'
-    folder.write_text(''.join(f'{p} {y}\n' for p, y in zip(paths, labels or range(len(paths)))))
-    data = build_train_data('gpu', '/', SIZE, file_list=str(folder), max_bad_fraction=1.0)
+            paths.append(save_jpeg(image, tmp_path / f"{k}.jpg"))
+            data = open(paths[-1], "rb").read()
+            if kind == "bad":  # header and end marker intact, no image data: only the decode can tell
+                open(paths[-1], "wb").write(data[:data.index(b"\xff\xda")] + bytes(range(256)) + b"\xff\xd9")
+            if kind == "cut":
+                open(paths[-1], "wb").write(data[:len(data) // 3])
+    folder = tmp_path / "list.txt"
+    folder.write_text("".join(f"{p} {y}\n" for p, y in zip(paths, labels or range(len(paths)))))
+    data = build_train_data("gpu", "/", SIZE, file_list=str(folder), max_bad_fraction=1.0)
     loader = DataLoader(PerSampleSeeded(data.dataset, 0), batch_size=len(kinds), collate_fn=data.collate_fn)
     return data, next(iter(loader))
 
 
 def test_device_decode_substitutes_undecodable_images_and_decodes_png_on_cpu(tmp_path, caplog):
-    data, batch = encoded_batch(tmp_path, ['jpeg', 'bad', 'png', 'jpeg', 'bad'])
+    data, batch = encoded_batch(tmp_path, ["jpeg", "bad", "png", "jpeg", "bad"])
     assert data.dataset.num_bad == 0  # headers parse: the workers cannot tell
-    with caplog.at_level(logging.WARNING, logger='maskalign.data'):
+    with caplog.at_level(logging.WARNING, logger="maskalign.data"):
         images, labels = data.batch_to_device(batch, CPU)
     assert images.shape == (5, 3, SIZE, SIZE) and images.dtype == torch.float32
     # bad 1 -> next good (2, the PNG); bad 4 -> first good (0), with their labels
     assert labels.tolist() == [0, 2, 2, 3, 0]
     assert torch.equal(images[1], images[2]) and torch.equal(images[4], images[0])
     assert (data.dataset.num_bad, data.dataset.num_attempted) == (2, 5)
-    assert '1.jpg' in caplog.text and '4.jpg' in caplog.text
+    assert "1.jpg" in caplog.text and "4.jpg" in caplog.text
     # the good crops are the fast path's crops, up to the interpolation kernel
     torch.manual_seed(hash((0, 0, 0)) % (2 ** 31))
     fast = FastRandomResizedCrop(SIZE)(batch[4][0])
@@ -100,24 +105,24 @@ def test_device_decode_substitutes_undecodable_images_and_decodes_png_on_cpu(tmp
 
 def test_a_batch_with_nothing_decodable_is_a_data_failure(tmp_path):
     """It must reach the loop's vote (TooManyBadSamplesError), not leave the other ranks waiting."""
-    data, batch = encoded_batch(tmp_path, ['bad', 'bad'])
-    with pytest.raises(TooManyBadSamplesError, match='no image of a batch of 2'):
+    data, batch = encoded_batch(tmp_path, ["bad", "bad"])
+    with pytest.raises(TooManyBadSamplesError, match="no image of a batch of 2"):
         data.batch_to_device(batch, CPU)
 
 
 def test_truncated_jpeg_is_caught_in_the_worker(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger='maskalign.data'):
-        data, batch = encoded_batch(tmp_path, ['cut', 'jpeg'])
+    with caplog.at_level(logging.WARNING, logger="maskalign.data"):
+        data, batch = encoded_batch(tmp_path, ["cut", "jpeg"])
     assert (data.dataset.num_bad, data.dataset.num_attempted) == (1, 3)  # sample 0 was substituted by a load
-    assert '0.jpg' in caplog.text and 'end-of-image' in caplog.text
+    assert "0.jpg" in caplog.text and "end-of-image" in caplog.text
     images, labels = data.batch_to_device(batch, CPU)
     assert images.shape == (2, 3, SIZE, SIZE) and data.dataset.num_bad == 1
 
 
 def test_device_decode_applies_max_bad_fraction(tmp_path):
-    data, batch = encoded_batch(tmp_path, ['jpeg'] * 10 + ['bad'] * 2)
+    data, batch = encoded_batch(tmp_path, ["jpeg"] * 10 + ["bad"] * 2)
     data.dataset.max_bad_fraction = 0.1
-    with pytest.raises(TooManyBadSamplesError, match='max_bad_fraction'):
+    with pytest.raises(TooManyBadSamplesError, match="max_bad_fraction"):
         data.batch_to_device(batch, CPU)
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from mae_standin import FILES as MAE_FILES
 from mae_standin import write_mae_tree
 from tiny import TINY_TEACHER, make_images, pretrain_argv

@@ -6,11 +6,11 @@ import timm
 import torch
 
 import models_maskalign
-from models_maskalign import MaskAlignConfig, MaskAlignViT, create_maskalign
-from util.optim import param_groups_weight_decay
 from maskalign.alignment import DynamicAlignment, init_alignment_matrix, relative_depth_map
 from maskalign.masking import attentive_visible, mask_from_visible, num_visible, random_visible
 from maskalign.teachers import build_teacher
+from models_maskalign import MaskAlignConfig, MaskAlignViT, create_maskalign
+from util.optim import param_groups_weight_decay
 
 IMG = 32  # 2 x 2 patch grid with patch 16
 TINY_STUDENT = dict(img_size=IMG, embed_dim=32, depth=2, num_heads=2)

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tiny import assert_same_weights, determined, make_images, pretrain_argv, weights
 
 import main_pretrain
-from tiny import assert_same_weights, determined, make_images, pretrain_argv, weights
 from util import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,9 +59,9 @@ def test_tiny_run_writes_checkpoints_and_logs(data_dir, tmp_path, teacher_file):
     assert isinstance(ckpt["args"], dict) and ckpt["args"]["mask_type"] == "attentive"
     assert "dynamic_align.weight" in ckpt["model"]
     assert not any("teacher" in k for k in ckpt["model"])
-    lines = [json.loads(l) for l in open(tmp_path / "log.txt")]
-    assert [l["epoch"] for l in lines] == [0, 1]
-    assert all(np.isfinite(l["train_loss"]) and "train_loss_level2" in l for l in lines)
+    lines = [json.loads(line) for line in open(tmp_path / "log.txt")]
+    assert [rec["epoch"] for rec in lines] == [0, 1]
+    assert all(np.isfinite(rec["train_loss"]) and "train_loss_level2" in rec for rec in lines)
 
 
 def test_resume_mid_epoch_reproduces_uninterrupted_run(data_dir, tmp_path, teacher_file, monkeypatch):
@@ -125,7 +125,8 @@ def test_two_process_gloo_matches_single_process(data_dir, tmp_path, teacher_fil
     assert run(data_dir, tmp_path / "single", teacher_file, *common, "--batch_size", "8") == 0
     argv = pretrain_argv(data_dir, tmp_path / "ddp", teacher_file, *common, "--batch_size", "4")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", "main_pretrain.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=300,
+                           "--nproc_per_node=2", "main_pretrain.py", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_weights(determined(weights(tmp_path / "single")), determined(weights(tmp_path / "ddp")), exact=False)
@@ -233,12 +234,12 @@ def test_stop_at_the_last_step_of_an_epoch_keeps_its_end_of_epoch_work(data_dir,
                                                                         monkeypatch):
     original = fault_at(monkeypatch, 6, before=sigterm)  # 6 steps per epoch: epoch 0's last step
     assert run(data_dir, tmp_path, teacher_file) == 143
-    assert [json.loads(l)["epoch"] for l in open(tmp_path / "log.txt")] == [0]  # epoch 0 was logged
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "log.txt")] == [0]  # epoch 0 was logged
     state = checkpoint.load(os.path.join(tmp_path, checkpoint.LATEST))
     assert (state["resume_epoch"], state["resume_step"]) == (1, 0)
     monkeypatch.setattr(main_pretrain, "pretrain_forward", original)
     assert run(data_dir, tmp_path, teacher_file) == 0
-    assert [json.loads(l)["epoch"] for l in open(tmp_path / "log.txt")] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "log.txt")] == [0, 1]
 
 
 def test_non_finite_gradient_with_finite_loss_stops_before_the_update(data_dir, tmp_path, teacher_file,

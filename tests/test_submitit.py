@@ -16,10 +16,10 @@ import sys
 import cloudpickle
 import huggingface_hub
 import pytest
+from tiny import assert_same_weights, pretrain_argv
 
 import engine
 import submitit_launch as launch
-from tiny import assert_same_weights, pretrain_argv
 from util import checkpoint, slurm
 
 # the preempting job class below must travel by value: the job process cannot import this test module
@@ -167,7 +167,7 @@ def test_slurm_submission_with_fake_sbatch(tmp_path, data_dir, capsys, monkeypat
     """The real SlurmExecutor path up to sbatch: parameters accepted, one array for a sweep, summary by job id."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path}/script.sh\necho Submitted batch job 4242\n")
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/script.sh\necho Submitted batch job 4242\n')
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
     for tool in ("sbatch", "srun"):
         (bin_dir / tool).chmod(0o755)

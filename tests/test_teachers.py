@@ -16,8 +16,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 import maskalign.teachers as teachers
-from maskalign.teachers import (IMAGENET_MEAN, IMAGENET_STD, OpenClipTeacher, TeacherSpec, TimmTeacher,
-                           build_teacher, resolve_teacher_spec)
+from maskalign.teachers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OpenClipTeacher,
+    TeacherSpec,
+    TimmTeacher,
+    build_teacher,
+    resolve_teacher_spec,
+)
 
 TIMM_NAME = "vit_tiny_patch16_224"
 TINY_TIMM = dict(depth=3, embed_dim=48, num_heads=3, img_size=32)

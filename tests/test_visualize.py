@@ -7,10 +7,10 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from tiny import pretrain_argv, register_open_clip_config
 
 import main_pretrain
 import visualize
-from tiny import pretrain_argv, register_open_clip_config
 
 CLIP = "maskalign-test-vis-clip"  # patch 16, 64 px: a 4x4 grid
 

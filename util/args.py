@@ -11,7 +11,8 @@ import os
 import re
 import sys
 import tempfile
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 

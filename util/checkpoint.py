@@ -13,7 +13,8 @@ import os
 import pickle
 import re
 import shutil
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -158,7 +159,7 @@ def _unreadable(path: str, detail: str) -> CheckpointError:
 
 def _first_sentence(text: str) -> str:
     """torch's messages run over several lines of advice; the first sentence says what is wrong."""
-    line = next((l.strip() for l in text.splitlines() if l.strip()), "")
+    line = next((row.strip() for row in text.splitlines() if row.strip()), "")
     return line.split(". ")[0].rstrip(".")
 
 

@@ -15,8 +15,9 @@ import logging
 import math
 import multiprocessing
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Union
 
 import torch
 from PIL import Image
@@ -29,17 +30,17 @@ from util.gpu_decode import DecodeOnDevice, EncodedCrop, collate_encoded
 from util.shards import ShardMember, index_shards, is_shard_spec, missing_shards, read_bytes, shard_paths
 
 __all__ = [
-    'IMAGENET_DEFAULT_MEAN', 'IMAGENET_DEFAULT_STD', 'TooManyBadSamplesError', 'RobustImageDataset',
-    'build_pretrain_transform', 'build_finetune_transform', 'build_linprobe_transform', 'eval_resize_size',
-    'TFRandomResizedCrop', 'build_dataset', 'check_data_root', 'count_classes', 'DATA_BACKENDS', 'TrainData',
-    'build_train_data',
+    "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "TooManyBadSamplesError", "RobustImageDataset",
+    "build_pretrain_transform", "build_finetune_transform", "build_linprobe_transform", "eval_resize_size",
+    "TFRandomResizedCrop", "build_dataset", "check_data_root", "count_classes", "DATA_BACKENDS", "TrainData",
+    "build_train_data",
 ]
 
-logger = logging.getLogger('maskalign.data')
+logger = logging.getLogger("maskalign.data")
 
 Source = Union[str, ShardMember]  # a file path or an image inside a tar shard
-Sample = Tuple[Source, int]
-DATA_BACKENDS = ('pil', 'fast', 'gpu')
+Sample = tuple[Source, int]
+DATA_BACKENDS = ("pil", "fast", "gpu")
 
 # Prime stride for substitutes: consecutive files are often bad together
 # (one broken shard/directory), so jump far away instead of taking i + 1.
@@ -56,12 +57,12 @@ class TooManyBadSamplesError(RuntimeError):
     def __init__(self, message: str) -> None:
         # A DataLoader worker's error comes back as this type with the worker's traceback in the message;
         # the run reports it as one line, so keep only the original message (the traceback's last line).
-        if message.startswith('Caught ') and 'Traceback' in message:
-            message = message.rstrip().splitlines()[-1].split(': ', 1)[-1]
+        if message.startswith("Caught ") and "Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(message)
 
 
-def build_pretrain_transform(input_size: int, scale: Tuple[float, float] = (0.2, 1.0)) -> transforms.Compose:
+def build_pretrain_transform(input_size: int, scale: tuple[float, float] = (0.2, 1.0)) -> transforms.Compose:
     """MAE pre-training augmentation: only crop + flip, masking does the rest."""
     return transforms.Compose([
         transforms.RandomResizedCrop(input_size, scale=scale,
@@ -83,14 +84,14 @@ class TFRandomResizedCrop(torch.nn.Module):
     Randomness comes from torch's global generator, like torchvision's transforms.
     """
 
-    def __init__(self, size: int, scale: Tuple[float, float] = (0.08, 1.0),
-                 ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+    def __init__(self, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  interpolation: transforms.InterpolationMode = transforms.InterpolationMode.BICUBIC):
         super().__init__()
         self.size, self.scale, self.interpolation = (size, size), scale, interpolation
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
-    def crop_box(self, width: int, height: int) -> Tuple[int, int, int, int]:
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """(top, left, crop height, crop width) for an image of the given size."""
         area = width * height * _uniform(*self.scale)
         aspect = math.exp(_uniform(*self.log_ratio))
@@ -110,12 +111,12 @@ def _uniform(low: float, high: float) -> float:
     return torch.empty(()).uniform_(low, high).item()
 
 
-def build_linprobe_transform(input_size: int, crop: str = 'mae') -> transforms.Compose:
+def build_linprobe_transform(input_size: int, crop: str = "mae") -> transforms.Compose:
     """MAE's linear-probe augmentation: random resized crop (scale 0.08-1, bicubic) + flip, nothing else.
     ``crop='mae'`` is MAE's single-draw TF-style crop; ``'torchvision'`` is torchvision's retrying one."""
-    if crop == 'mae':
+    if crop == "mae":
         random_crop = TFRandomResizedCrop(input_size)
-    elif crop == 'torchvision':
+    elif crop == "torchvision":
         random_crop = transforms.RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC)
     else:
         raise ValueError(f"crop must be 'mae' or 'torchvision', got {crop!r}")
@@ -134,9 +135,9 @@ def eval_resize_size(input_size: int) -> int:
 
 
 def build_finetune_transform(is_train: bool, input_size: int, color_jitter: Optional[float] = None,
-                             aa: Optional[str] = 'rand-m9-mstd0.5-inc1', reprob: float = 0.25,
-                             remode: str = 'pixel', recount: int = 1,
-                             interpolation: str = 'bicubic') -> Callable:
+                             aa: Optional[str] = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
+                             remode: str = "pixel", recount: int = 1,
+                             interpolation: str = "bicubic") -> Callable:
     """MAE fine-tuning transforms.
 
     Train: timm's RandomResizedCrop + RandAugment + random erasing pipeline.
@@ -173,23 +174,23 @@ class RobustImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Optional[Callable] = None,
-                 classes: Optional[List] = None, max_bad_fraction: float = 0.01,
+                 classes: Optional[list] = None, max_bad_fraction: float = 0.01,
                  loader: Callable[[Source], Any] = load_rgb):
         if not samples:
-            raise ValueError('RobustImageDataset needs at least one sample')
+            raise ValueError("RobustImageDataset needs at least one sample")
         if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
-        self.samples: List[Sample] = list(samples)
-        self.targets: List[int] = [label for _, label in self.samples]
-        self.classes: List = classes if classes is not None else sorted(set(self.targets))
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.samples: list[Sample] = list(samples)
+        self.targets: list[int] = [label for _, label in self.samples]
+        self.classes: list = classes if classes is not None else sorted(set(self.targets))
         self.transform, self.loader = transform, loader
         self.max_bad_fraction = max_bad_fraction
         # Shared-memory counters guarded by one lock, so both change together.
         # A lock from the default (fork) context refuses to be pickled for spawn
         # workers; a spawn-context lock works with fork, spawn and forkserver.
-        self._lock = multiprocessing.get_context('spawn').Lock()
-        self._num_bad = multiprocessing.Value('q', 0, lock=False)
-        self._num_attempted = multiprocessing.Value('q', 0, lock=False)
+        self._lock = multiprocessing.get_context("spawn").Lock()
+        self._num_bad = multiprocessing.Value("q", 0, lock=False)
+        self._num_attempted = multiprocessing.Value("q", 0, lock=False)
 
     @property
     def num_bad(self) -> int:
@@ -204,14 +205,14 @@ class RobustImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, int]:
         img, target = self._load_with_substitutes(index)
         # Outside the guard on purpose: a transform failing on a valid image is a bug.
         if self.transform is not None:
             img = self.transform(img)
         return img, target
 
-    def _load_with_substitutes(self, index: int) -> Tuple[Any, int]:
+    def _load_with_substitutes(self, index: int) -> tuple[Any, int]:
         n = len(self.samples)
         stride = _SUBSTITUTE_STRIDE if math.gcd(_SUBSTITUTE_STRIDE, n) == 1 else 1
         for k in range(_MAX_CONSECUTIVE_FAILURES):
@@ -228,26 +229,26 @@ class RobustImageDataset(torch.utils.data.Dataset):
                 self._num_attempted.value += 1
             return img, target
         # TooManyBadSamplesError: the training loop stops every rank on it with one line and exit code 1
-        raise TooManyBadSamplesError(f'{_MAX_CONSECUTIVE_FAILURES} consecutive images failed to load starting at '
-                                     f'index {index} (last: {path}); is the data directory readable?')
+        raise TooManyBadSamplesError(f"{_MAX_CONSECUTIVE_FAILURES} consecutive images failed to load starting at "
+                                     f"index {index} (last: {path}); is the data directory readable?")
 
     def record_bad(self, path: Source, error: Exception, count_attempt: bool = True) -> None:
         """Log and count a bad image; raise if the run's share of bad images is now too high.
         ``count_attempt=False`` for an image whose load was already counted (the GPU decodes it later)."""
-        reason = f'{type(error).__name__}: {error}'
-        logger.warning('Bad image %s (%s); substituting another sample', path, reason)
+        reason = f"{type(error).__name__}: {error}"
+        logger.warning("Bad image %s (%s); substituting another sample", path, reason)
         with self._lock:
             self._num_attempted.value += int(count_attempt)
             self._num_bad.value += 1
             bad, attempted = self._num_bad.value, self._num_attempted.value
         if attempted >= min(len(self), _MIN_ATTEMPTS_FOR_CHECK) and bad > self.max_bad_fraction * attempted:
             raise TooManyBadSamplesError(
-                f'{bad} of {attempted} attempted images were unreadable ({bad / attempted:.1%}), more than '
-                f'the allowed {self.max_bad_fraction:.1%} (--max_bad_fraction). Last bad file: {path} '
-                f'({reason})')
+                f"{bad} of {attempted} attempted images were unreadable ({bad / attempted:.1%}), more than "
+                f"the allowed {self.max_bad_fraction:.1%} (--max_bad_fraction). Last bad file: {path} "
+                f"({reason})")
 
 
-def _find_images(class_dir: str) -> List[str]:
+def _find_images(class_dir: str) -> list[str]:
     """Image paths under ``class_dir`` (recursive, sorted), chosen by extension
     only: opening 1.28M files just to list them would take hours."""
     paths = []
@@ -257,31 +258,31 @@ def _find_images(class_dir: str) -> List[str]:
     return paths
 
 
-def scan_image_folder(root: str) -> Tuple[List[Sample], List[str]]:
+def scan_image_folder(root: str) -> tuple[list[Sample], list[str]]:
     """ImageFolder layout ``root/<class>/<image>``; label = index of the sorted class name."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f'Image directory not found: {root}')
+        raise FileNotFoundError(f"Image directory not found: {root}")
     classes = _class_dirs(root)
     if not classes:
-        raise ValueError(f'No class sub-directories in {root} (expected root/<class>/<image>)')
+        raise ValueError(f"No class sub-directories in {root} (expected root/<class>/<image>)")
     samples = [(path, label) for label, name in enumerate(classes)
                for path in _find_images(os.path.join(root, name))]
     if not samples:
-        raise ValueError(f'No images with extensions {IMG_EXTENSIONS} found under {root}')
+        raise ValueError(f"No images with extensions {IMG_EXTENSIONS} found under {root}")
     return samples, classes
 
 
-def read_file_list(file_list: str, root: str) -> List[Sample]:
+def read_file_list(file_list: str, root: str) -> list[Sample]:
     """Lines ``relative/path label``; split on the last whitespace so paths may
     contain spaces. Blank lines and ``#`` comments are skipped. Files are not
     checked here: missing ones are handled as bad samples when loaded."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f'Data directory not found: {root}')
+        raise FileNotFoundError(f"Data directory not found: {root}")
     samples = []
-    with open(file_list, encoding='utf-8') as f:
+    with open(file_list, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             line = line.strip()
-            if not line or line.startswith('#'):
+            if not line or line.startswith("#"):
                 continue
             parts = line.rsplit(None, 1)
             if len(parts) != 2 or not parts[1].isdigit():
@@ -289,7 +290,7 @@ def read_file_list(file_list: str, root: str) -> List[Sample]:
                                  f'got {line!r}')
             samples.append((os.path.join(root, parts[0]), int(parts[1])))
     if not samples:
-        raise ValueError(f'File list {file_list} contains no samples')
+        raise ValueError(f"File list {file_list} contains no samples")
     return samples
 
 
@@ -300,7 +301,7 @@ def split_root(data_path: str, split: Optional[str]) -> str:
     if split is None:
         return data_path
     root = os.path.join(data_path, split)
-    if os.path.isdir(root) or split != 'train':
+    if os.path.isdir(root) or split != "train":
         return root
     return data_path
 
@@ -321,32 +322,32 @@ def build_dataset(data_path: str, transform: Optional[Callable], split: Optional
     return RobustImageDataset(samples, transform, classes=classes, **kwargs)
 
 
-def _class_dirs(root: str) -> List[str]:
+def _class_dirs(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir())
 
 
-def check_data_root(data_path: str, split: Optional[str] = 'train', file_list: Optional[str] = None) -> None:
+def check_data_root(data_path: str, split: Optional[str] = "train", file_list: Optional[str] = None) -> None:
     """Cheap start-up check (no image is opened, the listing stops at the first image found): raises
     ValueError naming what is wrong with ``data_path``."""
     if not data_path:
-        raise ValueError('--data_path is empty; give the folder that holds the images (or train/ and val/)')
+        raise ValueError("--data_path is empty; give the folder that holds the images (or train/ and val/)")
     if is_shard_spec(data_path, split):
         missing = missing_shards(data_path) if not os.path.isdir(data_path) else []
         if missing:
-            raise ValueError(f'--data_path {data_path}: {len(missing)} shard(s) do not exist, e.g. {missing[0]}')
+            raise ValueError(f"--data_path {data_path}: {len(missing)} shard(s) do not exist, e.g. {missing[0]}")
         shard_paths(data_path, split)  # a folder whose split sub-folder has no .tar files fails here
         return
     if not os.path.isdir(data_path):
-        problem = 'is a file, not a directory' if os.path.exists(data_path) else 'does not exist'
-        raise ValueError(f'--data_path {data_path} {problem}; it must be a directory of images')
+        problem = "is a file, not a directory" if os.path.exists(data_path) else "does not exist"
+        raise ValueError(f"--data_path {data_path} {problem}; it must be a directory of images")
     if file_list is not None:
         return
     root = split_root(data_path, split)
     if not os.path.isdir(root):
-        raise ValueError(f'{root} does not exist')
+        raise ValueError(f"{root} does not exist")
     classes = _class_dirs(root)
     if not classes:
-        raise ValueError(f'{root} has no class sub-directories (expected {root}/<class>/<image>)')
+        raise ValueError(f"{root} has no class sub-directories (expected {root}/<class>/<image>)")
     if not any(_has_image(os.path.join(root, name)) for name in classes):
         raise ValueError(f'{root} has no images with extensions {", ".join(IMG_EXTENSIONS)}')
 
@@ -358,7 +359,7 @@ def _has_image(class_dir: str) -> bool:
     return False
 
 
-def count_classes(data_path: str, split: str, file_list: Optional[str] = None) -> Tuple[int, Optional[List[str]]]:
+def count_classes(data_path: str, split: str, file_list: Optional[str] = None) -> tuple[int, Optional[list[str]]]:
     """(number of classes, class names) of a split without opening images: the sorted class folders of an
     ImageFolder, or the largest label + 1 of a file list or of tar shards (names None)."""
     if file_list is not None:
@@ -377,7 +378,7 @@ class TrainData:
     batch_to_device: Optional[Callable[[Any, torch.device], list]] = None  # None: every tensor .to(device)
 
 
-def build_train_data(backend: str, data_path: str, input_size: int, scale: Tuple[float, float] = (0.2, 1.0),
+def build_train_data(backend: str, data_path: str, input_size: int, scale: tuple[float, float] = (0.2, 1.0),
                      file_list: Optional[str] = None, max_bad_fraction: float = 0.01,
                      linprobe_crop: Optional[str] = None) -> TrainData:
     """The crop + flip training set through ``backend``: pre-training's crop (torchvision's RandomResizedCrop
@@ -387,24 +388,24 @@ def build_train_data(backend: str, data_path: str, input_size: int, scale: Tuple
     fast -- the same crops on uint8 with reduced-size JPEG decoding; normalised on the device;
     gpu  -- workers read bytes and draw the crops; nvJPEG decodes and roi_align crops on the GPU.
     """
-    build = functools.partial(build_dataset, data_path, split='train', file_list=file_list,
+    build = functools.partial(build_dataset, data_path, split="train", file_list=file_list,
                               max_bad_fraction=max_bad_fraction)
-    if backend == 'pil':
+    if backend == "pil":
         transform = build_linprobe_transform(input_size, linprobe_crop) if linprobe_crop \
             else build_pretrain_transform(input_size, scale)
         return TrainData(build(transform=transform))
     # the same draws as the pil transform's crop, so every backend crops the same box for the same seed
-    crop_box = TFRandomResizedCrop(input_size).crop_box if linprobe_crop == 'mae' \
+    crop_box = TFRandomResizedCrop(input_size).crop_box if linprobe_crop == "mae" \
         else TorchvisionCropBox((0.08, 1.0) if linprobe_crop else scale)
-    if backend == 'fast':
+    if backend == "fast":
         return TrainData(build(transform=None, loader=FastRandomResizedCrop(input_size, crop_box=crop_box)),
                          batch_to_device=NormalizeOnDevice(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    if backend == 'gpu':
+    if backend == "gpu":
         dataset = build(transform=None, loader=EncodedCrop(input_size, crop_box=crop_box))
         return TrainData(dataset, collate_fn=collate_encoded,
                          batch_to_device=DecodeOnDevice(input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                                                         dataset))
-    raise ValueError(f'unknown data backend {backend!r}; choose one of {DATA_BACKENDS}')
+    raise ValueError(f"unknown data backend {backend!r}; choose one of {DATA_BACKENDS}")
 
 
 def shipped_photos() -> list[str]:

@@ -17,7 +17,6 @@ import random
 from typing import Optional
 
 import numpy as np
-import torch
 from PIL import Image
 from torchvision import transforms
 

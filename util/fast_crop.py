@@ -15,7 +15,8 @@ per core than decode-to-PIL + ToTensor + Normalize, with the same crop distribut
 """
 import io
 import math
-from typing import Callable, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,9 +27,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from util.shards import read_bytes
 
-CropBox = Tuple[int, int, int, int]  # top, left, height, width (torchvision's order)
+CropBox = tuple[int, int, int, int]  # top, left, height, width (torchvision's order)
 # 16-bit grey PNGs open as I;16 (or I on older Pillow); also the 32-bit I mode, read as 16-bit samples.
-_SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 DCT_SCALES = (8, 4, 2)
 
 
@@ -38,13 +39,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _SIXTEEN_BIT_MODES:
         high_byte = np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8
         img = Image.fromarray(high_byte.astype(np.uint8))
-    return img.convert('RGB')
+    return img.convert("RGB")
 
 
 class TorchvisionCropBox:
     """torchvision's RandomResizedCrop box: (width, height) -> (top, left, h, w), drawn by its own get_params."""
 
-    def __init__(self, scale: Tuple[float, float] = (0.2, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(self, scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         self.scale, self.ratio = list(scale), list(ratio)
 
     def __call__(self, width: int, height: int) -> CropBox:
@@ -55,7 +56,7 @@ class TorchvisionCropBox:
 CropSampler = Callable[[int, int], CropBox]  # (width, height) -> box; e.g. TFRandomResizedCrop(...).crop_box
 
 
-def draw_crop(image_size: Tuple[int, int], crop_box: CropSampler) -> Tuple[CropBox, bool]:
+def draw_crop(image_size: tuple[int, int], crop_box: CropSampler) -> tuple[CropBox, bool]:
     """(crop box, flip) for an image of ``image_size`` (width, height), drawn in the PIL path's order: the
     crop transform's draws, then RandomHorizontalFlip's."""
     box = tuple(crop_box(*image_size))
@@ -76,10 +77,10 @@ def resized_crop(data: bytes, box: CropBox, size: int, flip: bool = False,
     ``image``: ``data`` already opened by PIL (header only), to save a second parse."""
     image = image if image is not None else Image.open(io.BytesIO(data))
     reduction = dct_scale(box, size)
-    if image.format == 'JPEG' and reduction == 1:
+    if image.format == "JPEG" and reduction == 1:
         out = _torch_resized_crop(data, box, size)
     else:
-        out = _pil_resized_crop(image, box, size, reduction if image.format == 'JPEG' else 1)
+        out = _pil_resized_crop(image, box, size, reduction if image.format == "JPEG" else 1)
     return out.flip(-1) if flip else out
 
 
@@ -88,7 +89,7 @@ def _torch_resized_crop(data: bytes, box: CropBox, size: int) -> torch.Tensor:
     decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     # channels-last: torch's uint8 antialiased kernel is ~2.5x faster on it
     crop = decoded[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
-    return F.interpolate(crop, size=(size, size), mode='bicubic', antialias=True)[0]
+    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
 
 
 def _pil_resized_crop(image: Image.Image, box: CropBox, size: int, reduction: int) -> torch.Tensor:
@@ -96,7 +97,7 @@ def _pil_resized_crop(image: Image.Image, box: CropBox, size: int, reduction: in
     scale = 1.0
     if reduction > 1:
         width = image.width
-        drafted = image.draft('RGB', (width // reduction, image.height // reduction))
+        drafted = image.draft("RGB", (width // reduction, image.height // reduction))
         if drafted is not None:  # (mode, the full image's box in reduced pixels: (0, 0, W / s, H / s))
             scale = width / drafted[1][2]
     image = to_rgb(image)
@@ -112,7 +113,7 @@ class FastRandomResizedCrop:
     """Loader of the ``fast`` backend: a sample (file path or shard member) -> uint8 (3, size, size) crop of
     MAE's distribution (``crop_box``: torchvision's RandomResizedCrop with ``scale`` unless given)."""
 
-    def __init__(self, size: int, scale: Tuple[float, float] = (0.2, 1.0),
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
                  crop_box: Optional[CropSampler] = None) -> None:
         self.size, self.crop_box = size, crop_box or TorchvisionCropBox(scale)
 

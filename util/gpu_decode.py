@@ -14,7 +14,8 @@ batch. Everything here also runs on CPU tensors, which is how the tests exercise
 import io
 import logging
 from collections import defaultdict
-from typing import List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -25,34 +26,34 @@ from torchvision.ops import roi_align
 from util.fast_crop import CropSampler, TorchvisionCropBox, draw_crop, normalize_pixels, to_rgb
 from util.shards import read_bytes
 
-logger = logging.getLogger('maskalign.data')
+logger = logging.getLogger("maskalign.data")
 
-_EOI, _EOI_WINDOW = b'\xff\xd9', 4096  # JPEG end-of-image marker; some files carry trailing bytes after it
+_EOI, _EOI_WINDOW = b"\xff\xd9", 4096  # JPEG end-of-image marker; some files carry trailing bytes after it
 # (encoded bytes, crop box (x0, y0, x1, y1) in pixels of the full image, flip, name for the log)
-EncodedSample = Tuple[torch.Tensor, torch.Tensor, bool, str]
+EncodedSample = tuple[torch.Tensor, torch.Tensor, bool, str]
 
 
 class EncodedCrop:
     """Loader of the ``gpu`` backend: a sample's bytes and its crop, nothing decoded (``crop_box`` as in
     `FastRandomResizedCrop`)."""
 
-    def __init__(self, size: int, scale: Tuple[float, float] = (0.2, 1.0),
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
                  crop_box: Optional[CropSampler] = None) -> None:
         self.size, self.crop_box = size, crop_box or TorchvisionCropBox(scale)
 
     def __call__(self, source) -> EncodedSample:
         data = read_bytes(source)
         image = Image.open(io.BytesIO(data))  # header only; garbage fails here, in the worker
-        if image.format == 'JPEG' and _EOI not in data[-_EOI_WINDOW:]:
+        if image.format == "JPEG" and _EOI not in data[-_EOI_WINDOW:]:
             # the commonest corruption; caught here, it does not depend on how nvJPEG treats a cut file
-            raise OSError('JPEG without an end-of-image marker (truncated file)')
+            raise OSError("JPEG without an end-of-image marker (truncated file)")
         width_height = image.size
         (top, left, h, w), flip = draw_crop(width_height, self.crop_box)
         box = torch.tensor([left, top, left + w, top + h], dtype=torch.float32)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip, str(source)
 
 
-def collate_encoded(batch: Sequence[Tuple[EncodedSample, int]]) -> list:
+def collate_encoded(batch: Sequence[tuple[EncodedSample, int]]) -> list:
     """[list of byte tensors, boxes (B, 4), flips (B,), labels (B,), names]: bytes differ in length."""
     samples, labels = zip(*batch)
     data, boxes, flips, names = zip(*samples)
@@ -90,8 +91,8 @@ class DecodeOnDevice:
         good = [k for k, image in enumerate(images) if image is not None]
         if not good:  # a data failure: it goes into the loop's vote, so every rank stops together
             from util.data import TooManyBadSamplesError  # util.data imports this module
-            raise TooManyBadSamplesError(f'no image of a batch of {len(images)} could be decoded (first: {names[0]}); '
-                               f'is the data readable?')
+            raise TooManyBadSamplesError(f"no image of a batch of {len(images)} could be decoded (first: {names[0]}); "
+                               f"is the data readable?")
         crops = crop_boxes([images[k] for k in good], boxes[good], self.size)
         flip = flips[good].to(crops.device)
         crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
@@ -101,8 +102,8 @@ class DecodeOnDevice:
         labels = labels[torch.tensor([good[p] for p in position])]
         return [normalize_pixels(crops, self.mean, self.std), labels.to(device, non_blocking=True)]
 
-    def _decode_all(self, data: List[torch.Tensor], names: List[str], device: torch.device) \
-            -> List[Optional[torch.Tensor]]:
+    def _decode_all(self, data: list[torch.Tensor], names: list[str], device: torch.device) \
+            -> list[Optional[torch.Tensor]]:
         try:  # one call for the batch: nvJPEG batches the Huffman and IDCT work
             return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
@@ -122,7 +123,7 @@ class DecodeOnDevice:
             return None
 
 
-def _next_good(k: int, good: List[int]) -> int:
+def _next_good(k: int, good: list[int]) -> int:
     """Position in ``good`` of sample k itself if good, else of the first good sample after it (cyclic)."""
     later = [i for i, g in enumerate(good) if g >= k]
     return later[0] if later else 0

@@ -3,7 +3,7 @@
 Features are the backbone's pre-logits (what a linear probe sees), L2-normalised; each held-out image takes
 the classes of its k most cosine-similar training images, weighted by exp(similarity / T).
 """
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,8 @@ import datetime
 import logging
 import time
 from collections import defaultdict, deque
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
 import torch
 

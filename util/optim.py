@@ -1,5 +1,6 @@
 """Optimizer parameter groups: weight-decay exemptions and layer-wise lr decay, and LARS for linear probing."""
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn

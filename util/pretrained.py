@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Optional, Sequence
+from typing import IO, Any, Optional
 
 import torch
 import torch.nn as nn
@@ -76,7 +77,8 @@ def read_backbone(path: str) -> Backbone:
     raw = checkpoint.load(path)
     state = raw.get("model", raw.get("state_dict", raw))
     if not isinstance(state, dict) or not state:
-        raise checkpoint.CheckpointError(f"{path} holds no state dict (looked at 'model', 'state_dict' and the top level)")
+        raise checkpoint.CheckpointError(
+            f"{path} holds no state dict (looked at 'model', 'state_dict' and the top level)")
     state = {re.sub(r"^module\.", "", k): v for k, v in state.items()}
     source = _detect_source(raw, list(state))
     kept = {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
@@ -118,9 +120,10 @@ def _check_architecture(backbone: Backbone, model: nn.Module, expected_name: str
     if (backbone.width, backbone.depth) != (model_width, model_depth):
         found = backbone.guess_timm_name()
         hint = f"; pass --model {found}" if found else ""
-        raise checkpoint.CheckpointError(f"the checkpoint is a ViT of width {backbone.width} and depth {backbone.depth} "
-                         f"(looks like {found or 'a non-standard ViT'}), but the model is {expected_name} "
-                         f"(width {model_width}, depth {model_depth}){hint}")
+        raise checkpoint.CheckpointError(
+            f"the checkpoint is a ViT of width {backbone.width} and depth {backbone.depth} "
+            f"(looks like {found or 'a non-standard ViT'}), but the model is {expected_name} "
+            f"(width {model_width}, depth {model_depth}){hint}")
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: Sequence[int], num_prefix_tokens: int = 1,
@@ -169,7 +172,8 @@ def load_into(model: nn.Module, backbone: Backbone, expected_name: str = "the mo
     report = LoadReport(backbone.source, sorted(dropped), sorted(result.missing_keys), resized)
     unexpected_missing = [k for k in report.missing if not k.startswith(HEAD_PREFIXES)]
     if unexpected_missing:
-        raise checkpoint.CheckpointError(f"the checkpoint lacks {_compact(unexpected_missing)} needed by {expected_name}")
+        raise checkpoint.CheckpointError(
+            f"the checkpoint lacks {_compact(unexpected_missing)} needed by {expected_name}")
     logger.info("loaded pre-trained weights: %s", report.summary())
     return report
 
@@ -234,7 +238,8 @@ def export_timm(checkpoint_path: str, output_dir: str, model_name: Optional[str]
     dropped = sorted(backbone.dropped + [k for k in backbone.state_dict if k not in state])
     logger.info("dropped %d keys that are not part of the backbone: %s", len(dropped), _compact(dropped))
     stem = os.path.join(output_dir, f"{model_name.split('.')[0]}_{EXPORT_SUFFIX[backbone.source]}")
-    paths = {"pth": stem + ".pth", "safetensors": stem + ".safetensors", "config": os.path.join(output_dir, "config.json")}
+    paths = {"pth": stem + ".pth", "safetensors": stem + ".safetensors",
+             "config": os.path.join(output_dir, "config.json")}
     config = {"architecture": model_name, "num_classes": 0, "img_size": img_size, "model_kwargs": model_kwargs,
               "source_checkpoint": os.path.abspath(checkpoint_path), "source_format": backbone.source,
               "dropped_keys": dropped, "pretrain_args": backbone.pretrain_args}

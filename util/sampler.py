@@ -2,7 +2,7 @@
 (and the random crops) the uninterrupted run would have seen, whatever the number of workers.
 """
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

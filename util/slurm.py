@@ -35,7 +35,8 @@ import os
 import signal
 import sys
 import zlib
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator
+from typing import Any
 
 import submitit
 from submitit.core.logger import get_logger
