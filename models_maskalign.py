@@ -40,7 +40,8 @@ from maskalign.masking import (
     random_visible,
 )
 from maskalign.pos_embed import sincos_2d_pos_embed
-from maskalign.teachers import Teacher, build_teacher
+from maskalign.teacher_weights import build_teacher
+from maskalign.teachers import Teacher
 
 DEFAULT_TEACHER = "openai/clip-vit-base-patch16"
 

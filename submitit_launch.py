@@ -336,7 +336,7 @@ def _pending_files(argv: list[str]) -> set[str]:
 
 def _check_teacher_offline(train_args: argparse.Namespace) -> None:
     """Compute nodes without internet (the default assumption) can only use hub weights that are cached."""
-    from maskalign.teachers import cached_hub_file, hub_source, resolve_teacher_spec
+    from maskalign.teacher_weights import cached_hub_file, hub_source, resolve_teacher_spec
     from util.demo import DEMO_TEACHER
 
     if train_args.demo and train_args.teacher_weights is None and train_args.teacher == DEMO_TEACHER:

@@ -313,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
         if size != run_args.input_size:
             parser.error(f"--input_size must be the checkpoint's ({run_args.input_size}) with --checkpoint")
     else:
-        from maskalign.teachers import build_teacher
+        from maskalign.teacher_weights import build_teacher
         size = args.input_size or 224
         mask_ratio = 0.7 if args.mask_ratio is None else args.mask_ratio
         try:

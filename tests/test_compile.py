@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-from maskalign.teachers import build_teacher
+from maskalign.teacher_weights import build_teacher
 from models_maskalign import create_maskalign
 from util.compile import CompileWatch, compile_in_place
 

@@ -299,7 +299,7 @@ def test_reference_pretraining_checkpoint_resumes_in_the_official_form(tmp_path)
     pre-training in `--align official` with the same predictions."""
     import argparse
 
-    from maskalign.teachers import build_teacher
+    from maskalign.teacher_weights import build_teacher
     from models_maskalign import create_maskalign
 
     def official_model():

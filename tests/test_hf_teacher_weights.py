@@ -9,7 +9,7 @@ import transformers
 from safetensors.torch import load_file
 from tiny import register_open_clip_config
 
-from maskalign.teachers import build_teacher
+from maskalign.teacher_weights import build_teacher
 
 CLIP_NAME = "maskalign-test-hf-clip"  # patch 16, width 64, 4 heads, 3 layers, 32 px: what tiny_hf_clip builds
 VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=32,

@@ -8,7 +8,7 @@ import torch
 import models_maskalign
 from maskalign.alignment import DynamicAlignment, init_alignment_matrix, relative_depth_map
 from maskalign.masking import attentive_visible, mask_from_visible, num_visible, random_visible
-from maskalign.teachers import build_teacher
+from maskalign.teacher_weights import build_teacher
 from models_maskalign import MaskAlignConfig, MaskAlignViT, create_maskalign
 from util.optim import param_groups_weight_decay
 

@@ -404,7 +404,7 @@ def test_teacher_and_checkpoint_files_are_checked_before_submitting(tmp_path, da
 
 
 def test_what_may_pass_the_checks(tmp_path, data_dir, teacher_file, capsys, monkeypatch):
-    import maskalign.teachers as teachers
+    import maskalign.teacher_weights as teachers
     monkeypatch.setattr(launch, "submit", lambda *a: pytest.fail("submitted"))
     hub_teacher = ["--teacher", "timm:vit_base_patch16_clip_224.openai"]
     assert dry_run(tmp_path, "pretrain", "--data_path", data_dir, *hub_teacher, "--nodes_online") == 0

@@ -15,16 +15,10 @@ from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 from torch import nn
 
+import maskalign.teacher_weights as teacher_weights
 import maskalign.teachers as teachers
-from maskalign.teachers import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    OpenClipTeacher,
-    TeacherSpec,
-    TimmTeacher,
-    build_teacher,
-    resolve_teacher_spec,
-)
+from maskalign.teacher_weights import TeacherSpec, build_teacher, resolve_teacher_spec
+from maskalign.teachers import IMAGENET_MEAN, IMAGENET_STD, OpenClipTeacher, TimmTeacher
 
 TIMM_NAME = "vit_tiny_patch16_224"
 TINY_TIMM = dict(depth=3, embed_dim=48, num_heads=3, img_size=32)
@@ -239,7 +233,7 @@ def test_open_clip_mha_attention_matches_torch_need_weights():
 def test_open_clip_teacher_is_frozen_and_keeps_only_the_image_tower():
     teacher = build_teacher(f"open_clip:{CLIP}", 32, 16, weights="random")
     assert isinstance(teacher, OpenClipTeacher)
-    assert teacher.embed_dim == 64 and teacher.depth == 3 and teacher.num_heads == 4 and teacher.patch_size == 16
+    assert teacher.embed_dim == 64 and teacher.depth == 3 and teacher.patch_size == 16
     assert teacher.mean == open_clip.OPENAI_DATASET_MEAN and teacher.std == open_clip.OPENAI_DATASET_STD
     assert not any("token_embedding" in k for k in teacher.state_dict())
     check_frozen(teacher, raw_images())
@@ -433,7 +427,7 @@ def online(monkeypatch):
     """Pretend the hub is reachable; each test provides its own hf_hub_download."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(teachers, "hub_reachable", lambda: True)
+    monkeypatch.setattr(teacher_weights, "hub_reachable", lambda: True)
 
 
 @pytest.fixture
@@ -461,15 +455,16 @@ def test_unreachable_hub_fails_fast_with_the_advice(empty_hub_cache, monkeypatch
     with pytest.raises(ValueError, match=r"cannot be reached from this machine.*--teacher_weights PATH.*HF_HUB_OFF"):
         build_teacher(spec, 224, 16, weights=weights)
     host = huggingface_hub.constants.ENDPOINT.split("://")[1].split("/")[0]
-    assert connections == [((host, 443), teachers.HUB_CONNECT_TIMEOUT_S)] and teachers.HUB_CONNECT_TIMEOUT_S <= 5
+    timeout = teacher_weights.HUB_CONNECT_TIMEOUT_S
+    assert connections == [((host, 443), timeout)] and timeout <= 5
 
 
 def test_hub_reachability_goes_through_the_https_proxy(monkeypatch, connections):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.org:3128")
-    assert teachers.hub_reachable() is False
+    assert teacher_weights.hub_reachable() is False
     assert connections[-1][0] == ("proxy.example.org", 3128)
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: open(__file__))
-    assert teachers.hub_reachable() is True
+    assert teacher_weights.hub_reachable() is True
 
 
 @pytest.mark.parametrize("spec, weights", [("open_clip:ViT-B-16", "openai"), ("facebook/dino-vitb16", None)])

@@ -18,7 +18,7 @@ import torch
 
 from maskalign.alignment import ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS
 from maskalign.masking import MASK_TYPES, num_visible
-from maskalign.teachers import RANDOM_WEIGHTS, is_hub_tag, resolve_teacher_spec
+from maskalign.teacher_weights import RANDOM_WEIGHTS, hub_source, resolve_teacher_spec
 from util.data import DATA_BACKENDS, check_data_root, count_classes
 from util.recipes import Recipe
 
@@ -322,7 +322,7 @@ def _check_teacher(parser: argparse.ArgumentParser, teacher: str, weights: Optio
         spec = resolve_teacher_spec(teacher, weights)
     except ValueError as e:
         parser.error(str(e))
-    if spec.weights in (None, RANDOM_WEIGHTS) or os.path.isfile(spec.weights) or is_hub_tag(spec):
+    if spec.weights in (None, RANDOM_WEIGHTS) or os.path.isfile(spec.weights) or hub_source(spec) is not None:
         return
     given = f"--teacher_weights {weights}" if weights else f"--teacher {teacher}"
     parser.error(f"{given}: no such file" + (f" and not a pretrained tag of open_clip's {spec.model_name}"
