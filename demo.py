@@ -2,7 +2,7 @@
 
     python demo.py --output_dir demo_output
 
-1. data      scikit-learn's bundled digits as an ImageFolder (train/ 80%, val/ 20% held out), util/demo.py
+1. data      scikit-learn's bundled digits as an ImageFolder (train/ 80%, val/ 20% held out), demo_inputs.py
 2. teacher   a small ViT trained with labels on train/ (main_finetune's model and loss, the shared engine)
 3. pre-train the same student three ways with equal epochs, batch and schedule (main_pretrain.py --demo):
                maskalign             attentive masking at 0.75 (4 of 16 patches visible), Dynamic Alignment
@@ -25,20 +25,43 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
+import timm
 import torch
+from torch.utils.data import DataLoader
+
+import main_finetune
+import main_pretrain
+import visualize
+from demo_inputs import (
+    DEMO_DATASET,
+    count_images,
+    fitting_batch,
+    kwargs_argv,
+    last_test_accuracy,
+    prepare_demo_data,
+    prepare_demo_teacher,
+)
+from util import args as cli
+from util import checkpoint
+from util.data import build_dataset, build_finetune_transform
+from util.knn import knn_top1
+from util.metrics import setup_logging
+from util.pretrained import load_into, read_backbone
+from util.recipes import DEMO_IMAGE_SIZE, DEMO_STUDENT_ARCH, DEMO_TEACHER_ARCH, RECIPES
 
 logger = logging.getLogger("maskalign")
 
 METHODS = ("maskalign", "feature_distillation", "scratch")
 DEMO_MASK_RATIO = 0.75
 KNN_K = 20
+PRETRAIN = RECIPES["pretrain_demo"].flags  # main_pretrain.py --demo
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("MaskAlign demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.new_parser("MaskAlign demo: MaskAlign vs feature distillation vs no pre-training on digits")
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: the --demo preset's)")
-    parser.add_argument("--teacher_epochs", type=int, default=None, help="default: util/demo.py TEACHER_EPOCHS")
+    parser.add_argument("--teacher_epochs", type=int, default=None, help="default: demo_inputs.py TEACHER_EPOCHS")
     parser.add_argument("--probe_epochs", type=int, default=15, help="linear-probe epochs")
     parser.add_argument("--per_class", type=int, default=None,
                         help="use at most this many images per class and split (quick checks; default: all)")
@@ -63,17 +86,14 @@ def _write_json(obj: dict, path: str) -> None:
 
 
 def pretrain_argv(method: str, run_dir: str, data: str, teacher: str, args: argparse.Namespace) -> list[str]:
-    from util.demo import DEMO_DEFAULTS, fitting_batch
     argv = ["--demo", "--output_dir", run_dir, "--data_path", data, "--teacher_weights", teacher,
             "--mask_ratio", str(DEMO_MASK_RATIO if method == "maskalign" else 0.0), "--seed", str(args.seed),
-            "--batch_size", str(fitting_batch(DEMO_DEFAULTS["batch_size"], data))]
+            "--batch_size", str(fitting_batch(PRETRAIN["batch_size"], data))]
     return argv + (["--epochs", str(args.epochs)] if args.epochs else [])
 
 
 def pretrain(method: str, run_dir: str, data: str, teacher: str, args: argparse.Namespace) -> dict:
     """Pre-train one student (or, for scratch, write its initial weights); returns the stage's result."""
-    import main_pretrain
-    from util import checkpoint
     done = _stage_result(os.path.join(run_dir, "pretrain.json"))
     if done:
         return done
@@ -105,9 +125,9 @@ def linprobe_argv(ckpt: str, out: str, data: str, epochs: int, seed: int) -> lis
     """main_finetune.py --linprobe (frozen backbone, BatchNorm + linear head, random resized crop + flip) with
     SGD at batch 64: MAE's LARS needs thousands of steps to grow the head from its 0.01 init, and 1438 images
     give a few hundred. The README's table was measured with torchvision's crop."""
-    from util.demo import IMAGE_SIZE, STUDENT_ARCH, fitting_batch, kwargs_argv
     return ["--linprobe", "--finetune", ckpt, "--model", "vit_tiny_patch16_224",
-            "--model_kwargs", *kwargs_argv(STUDENT_ARCH), "--nb_classes", "10", "--input_size", str(IMAGE_SIZE),
+            "--model_kwargs", *kwargs_argv(DEMO_STUDENT_ARCH), "--nb_classes", "10",
+            "--input_size", str(DEMO_IMAGE_SIZE),
             "--data_path", data, "--output_dir", out, "--epochs", str(epochs), "--warmup_epochs", "1",
             "--opt", "sgd", "--blr", "1.0", "--batch_size", str(fitting_batch(64, data)), "--accum_iter", "1",
             "--linprobe_crop", "torchvision", "--num_workers", "0", "--device", "cpu", "--save_freq", "1000",
@@ -116,8 +136,6 @@ def linprobe_argv(ckpt: str, out: str, data: str, epochs: int, seed: int) -> lis
 
 def evaluate_student(method: str, run_dir: str, ckpt: str, data: str, args: argparse.Namespace) -> dict:
     """Linear probe (last epoch's held-out top-1) and k-NN top-1 of the frozen student."""
-    import main_finetune
-    from util.demo import last_test_accuracy
     done = _stage_result(os.path.join(run_dir, "eval.json"))
     if done:
         return done
@@ -132,23 +150,15 @@ def evaluate_student(method: str, run_dir: str, ckpt: str, data: str, args: argp
 
 
 def knn_accuracy(ckpt: str, data: str) -> float:
-    import timm
-    from torch.utils.data import DataLoader
-
-    from util.data import build_dataset, build_finetune_transform
-    from util.demo import IMAGE_SIZE, STUDENT_ARCH
-    from util.knn import knn_top1
-    from util.pretrained import load_into, read_backbone
-    backbone = timm.create_model("vit_tiny_patch16_224", num_classes=0, global_pool="token", img_size=IMAGE_SIZE,
-                                 **STUDENT_ARCH)
+    backbone = timm.create_model("vit_tiny_patch16_224", num_classes=0, global_pool="token", img_size=DEMO_IMAGE_SIZE,
+                                 **DEMO_STUDENT_ARCH)
     load_into(backbone, read_backbone(ckpt))
-    transform = build_finetune_transform(False, IMAGE_SIZE)
+    transform = build_finetune_transform(False, DEMO_IMAGE_SIZE)
     loaders = [DataLoader(build_dataset(data, transform, split=split), batch_size=256) for split in ("train", "val")]
     return knn_top1(backbone, *loaders, torch.device("cpu"), k=KNN_K)
 
 
 def pictures(run_dir: str, ckpt: str, data: str, out: str) -> list[str]:
-    import visualize
     val = os.path.join(data, "val")
     files = [os.path.join(val, d, sorted(os.listdir(os.path.join(val, d)))[0]) for d in ("0", "3", "5", "7")]
     return visualize.main(["--checkpoint", ckpt, "--images", *files, "--output_dir", out,
@@ -177,8 +187,7 @@ def report_markdown(report: dict) -> str:
 
 def build_report(results: dict, data: str, args: argparse.Namespace, teacher_dir: str, total: float,
                  continued: bool) -> dict:
-    from util.demo import DEMO_DATASET, DEMO_DEFAULTS, TEACHER_ARCH, count_images, last_test_accuracy
-    epochs = args.epochs or DEMO_DEFAULTS["epochs"]
+    epochs = args.epochs or PRETRAIN["epochs"]
     count = {s: count_images(data, s) for s in ("train", "val")}
     return {
         "dataset": DEMO_DATASET,
@@ -186,7 +195,8 @@ def build_report(results: dict, data: str, args: argparse.Namespace, teacher_dir
         "budget_rule": f"equal epochs: {epochs} pre-training epochs each, same batch size, lr schedule and seed "
                        f"(scratch: none); times differ because the masked student sees "
                        f"{int(round((1 - DEMO_MASK_RATIO) * 100))}% of the patches",
-        "teacher": {"description": f"ViT ({TEACHER_ARCH['depth']} blocks, width {TEACHER_ARCH['embed_dim']}) trained "
+        "teacher": {"description": f"ViT ({DEMO_TEACHER_ARCH['depth']} blocks, width "
+                                   f"{DEMO_TEACHER_ARCH['embed_dim']}) trained "
                                    f"with labels on the train split", "val_top1": last_test_accuracy(teacher_dir)},
         "evaluation": f"frozen student: linear probe {args.probe_epochs} epochs (main_finetune.py --linprobe), "
                       f"weighted {KNN_K}-NN on [CLS] features; top-1 on the held-out split",
@@ -209,8 +219,6 @@ def print_finished(out: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    from util.demo import prepare_demo_data, prepare_demo_teacher
-    from util.metrics import setup_logging
     setup_logging(True)
     out = args.output_dir
     if os.path.exists(os.path.join(out, "report.json")):

@@ -1,15 +1,8 @@
 """The training loop shared by pre-training, fine-tuning and linear probing.
 
-`fit` runs the epochs (data sharding, DDP, resume, checkpoints, logs); `train_one_epoch` runs one epoch of:
-per-iteration lr schedule, mixed precision, gradient accumulation (no all-reduce on the non-final micro-steps),
-a loss and gradient check that stops every rank together, gradient clipping, logging, and
-`checkpoint-latest.pth` on a timer or on SIGTERM / SIGUSR1. Each micro-step re-seeds the RNGs from
-(seed, rank, epoch, step), so a run resumed from any checkpoint continues exactly as if never stopped.
-
-In steady state no micro-step waits for the device: the signal and data-failure vote is an all-reduce among
-the hosts (a CPU process group), a non-finite loss or gradient stops the update on the device (fused
-optimizers' `found_inf`, or the fp16 grad scaler), and the host reads each optimizer step's loss, gradient
-norm and metrics one step later from a non-blocking copy (at once before a checkpoint is written).
+`fit` runs the epochs (sharding, DDP, exact resume, checkpoints, logs); `train_one_epoch` one epoch (lr
+schedule, mixed precision, accumulation, the loss and gradient check, clipping, the stop-signal vote). No
+micro-step waits for the device in steady state; docs/performance.md says how and what each check costs.
 """
 import contextlib
 import json
@@ -17,12 +10,10 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -36,6 +27,7 @@ from util.distributed import DistEnv, all_reduce_sum, barrier, cpu_group, destro
 from util.lr_schedule import adjust_learning_rate
 from util.metrics import MetricLogger, TensorboardWriter, setup_logging
 from util.sampler import PerSampleSeeded, ResumableDistributedSampler
+from util.signals import DEFAULT_POLICY, StopPolicy, StopSignals
 
 logger = logging.getLogger("maskalign")
 
@@ -50,67 +42,6 @@ class NonFiniteLossError(RuntimeError):
 
 class TrainingInterrupted(Exception):
     """A stop signal arrived; the latest checkpoint has been written."""
-
-
-@dataclass
-class StopSignals:
-    """SIGUSR1 asks for a checkpoint; SIGTERM for a checkpoint and a clean stop.
-
-    Handlers only raise *pending* requests, whenever the signal lands. Each micro-step hands the pending
-    requests to one all-reduce among the hosts, and the loop acts only on the *agreed* result, which is the same on
-    every rank
-    at every step boundary even when the signal reached the ranks at different moments.
-    `actions` maps each handled signal to "save" or "stop"; a launcher may remap them for its process
-    (submitit_launch.py: the preemption signal stops, SIGTERM only saves).
-    """
-    actions: ClassVar[dict[int, str]] = {signal.SIGUSR1: "save", signal.SIGTERM: "stop"}
-    # a launcher that requeues a stopped job itself (util/slurm.py) sets this: messages then say so
-    requeued_by_launcher: ClassVar[bool] = False
-    pending_save: bool = False
-    pending_stop: bool = False
-    agreed_save: bool = False
-    agreed_stop: bool = False
-    _previous: dict = field(default_factory=dict)
-
-    def install(self) -> "StopSignals":
-        for sig, action in self.actions.items():
-            self._previous[sig] = signal.signal(sig, self._on_stop if action == "stop" else self._on_save)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def take_pending(self) -> tuple[bool, bool]:
-        """The requests to put to the vote; a save request is consumed, a stop request stays."""
-        save, self.pending_save = self.pending_save, False
-        return save, self.pending_stop
-
-    def _on_save(self, signum, frame) -> None:
-        logger.warning("signal %d: checkpoint at the next step", signum)
-        self.pending_save = True
-
-    def _on_stop(self, signum, frame) -> None:
-        logger.warning("signal %d: checkpoint and stop at the next step", signum)
-        self.pending_stop = True
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`. `scancel` and SLURM preemption signal every process of the job: the workers
-    must keep loading until the main process has written its checkpoint at the next step (torch's own worker
-    handler dies on SIGTERM). The stop signals are blocked and taken by a thread that drops them, except from
-    the parent: its SIGTERM is how the DataLoader and multiprocessing end a worker (ignoring that would hang
-    the main process at exit)."""
-    stop_signals = set(StopSignals.actions)
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # this thread and every thread it starts
-    threading.Thread(target=_drop_stop_signals, args=(stop_signals, os.getppid()), daemon=True).start()
-
-
-def _drop_stop_signals(stop_signals: set, parent: int) -> None:
-    while True:
-        if signal.sigwaitinfo(stop_signals).si_pid == parent:
-            os._exit(0)  # what torch's worker handler does on its parent's SIGTERM
 
 
 @dataclass
@@ -319,7 +250,7 @@ def nonfinite_advice(ctx: LoopContext) -> str:
     if args.amp != "none":
         changes.append("try --amp " + ("bf16 or none" if args.amp == "fp16" else "none"))
     change = ", ".join(changes[:-1]) + " or " + changes[-1]
-    again = "resubmit the job" if StopSignals.requeued_by_launcher else "rerun"
+    again = "resubmit the job" if ctx.signals.policy.requeued_by_launcher else "rerun"
     own = checkpoint.find_resume(args.output_dir)
     if own:
         return f"The last checkpoint, {own}, is intact: {change}, then {again} to resume from it."
@@ -372,7 +303,7 @@ def _maybe_checkpoint(ctx: LoopContext, epoch: int, next_step: int, monitor: Opt
 def _stop_if_agreed(ctx: LoopContext, epoch: int, next_step: int) -> None:
     if ctx.signals.agreed_stop:
         barrier()  # no rank leaves (and gets its job torn down) before rank 0 has written the checkpoint
-        then = "the job is requeued and resumes" if StopSignals.requeued_by_launcher \
+        then = "the job is requeued and resumes" if ctx.signals.policy.requeued_by_launcher \
             else "rerun the same command to resume"
         raise TrainingInterrupted(f"stopped by signal at epoch {epoch}, step {next_step}; {then}")
 
@@ -436,8 +367,10 @@ class Task:
     batch_to_device: Optional[Callable[[Any, torch.device], list]] = None
 
 
-def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
-    """Train `task` for args.epochs, resuming exactly from the latest checkpoint of args.output_dir."""
+def fit(args, env: DistEnv, device: torch.device, task: Task,
+        stop_policy: StopPolicy = DEFAULT_POLICY) -> None:
+    """Train `task` for args.epochs, resuming exactly from the latest checkpoint of args.output_dir; the
+    signals of `stop_policy` save or stop at the next step."""
     # epoch-tagged indices: persistent workers keep their dataset copy, so the epoch travels with the index
     sampler = ResumableDistributedSampler(len(task.dataset), env.rank, env.world_size, seed=args.seed,
                                           tag_epoch=True)
@@ -485,15 +418,16 @@ def fit(args, env: DistEnv, device: torch.device, task: Task) -> None:
 
     writer = TensorboardWriter(args.log_dir, env.is_main)
     ctx = LoopContext(args=args, env=env, device=device, writer=writer, save_latest=save_latest,
-                      signals=StopSignals().install(), scaler=scaler, after_optimizer_step=task.after_optimizer_step,
-                      lr_given=lr_given, vote_group=cpu_group(args.dist_timeout_min))
+                      signals=StopSignals(stop_policy).install(), scaler=scaler,
+                      after_optimizer_step=task.after_optimizer_step, lr_given=lr_given,
+                      vote_group=cpu_group(args.dist_timeout_min))
     logger.info("training epochs %d..%d from step %d", start_epoch, args.epochs - 1, start_step)
     start_time = time.time()
     workers = args.num_workers
     loader = DataLoader(task.dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, collate_fn=task.collate_fn,
                         persistent_workers=workers > 0, prefetch_factor=args.prefetch_factor if workers else None,
-                        worker_init_fn=ignore_stop_signals)
+                        worker_init_fn=stop_policy.worker_init_fn)
     try:
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch, start=start_step * args.batch_size)

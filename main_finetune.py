@@ -1,16 +1,13 @@
-"""Fine-tuning and linear probing of a pre-trained MaskAlign student (or any timm/MAE ViT checkpoint).
+"""Fine-tuning, linear probing (`--linprobe`) and evaluation (`--eval`) of a pre-trained student, or of any
+timm / MAE / reference-code ViT checkpoint, following MAE's main_finetune.py and main_linprobe.py.
 
     torchrun --nproc_per_node=8 main_finetune.py --finetune out/ma_b16/checkpoint-199.pth \
         --model vit_base_patch16_224 --data_path /imagenet --output_dir out/ft_b16 --model_ema
     torchrun --nproc_per_node=8 main_finetune.py --linprobe --finetune out/ma_b16/checkpoint-199.pth ...
     python main_finetune.py --eval --resume out/ft_b16/checkpoint-best.pth --data_path /imagenet
 
-Fine-tuning follows MAE's main_finetune.py with the paper's numbers (recipe finetune_b16_paper): 100 epochs,
-5 warm-up, blr 3e-4, layer decay 0.6, drop path 0.2, min_lr 1e-6, RandAugment, mixup 0.8 / cutmix 1.0,
-label smoothing 0.1, random erasing 0.25, global average pooling; evaluation resizes to input/0.875 up to
-224 px and to the input size above. `--linprobe` follows MAE's main_linprobe.py (recipe linprobe_mae):
-frozen backbone, BatchNorm (no affine) + linear head on [CLS], LARS, blr 0.1, effective batch 16384 (512 x
-accum_iter 4 on 8 GPUs), MAE's single-draw crop + flip. util/recipes.py has the release's variants.
+Defaults are the paper's (recipe finetune_b16_paper); `--linprobe`'s are MAE's (linprobe_mae). docs/training.md
+lists what matches MAE and what differs on purpose.
 """
 import argparse
 import functools
@@ -29,7 +26,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from engine import Task, evaluate, fit, ignore_stop_signals, run_main, setup
+from engine import Task, evaluate, fit, run_main, setup
 from util import args as cli
 from util import checkpoint
 from util.data import TrainData, build_dataset, build_finetune_transform, build_train_data
@@ -37,19 +34,21 @@ from util.distributed import DistEnv
 from util.metrics import TensorboardWriter
 from util.optim import LARS, adamw, param_groups_layer_decay
 from util.pretrained import load_into, read_backbone
-from util.recipes import LINPROBE_EFFECTIVE_BATCH, MAE_LINPROBE, recipes_for
+from util.recipes import LINPROBE_EFFECTIVE_BATCH, recipes_for
 from util.sampler import PerSampleSeeded
+from util.signals import DEFAULT_POLICY, StopPolicy
 
 logger = logging.getLogger("maskalign")
 
 RECIPES = recipes_for("finetune", "linprobe")
+PAPER = RECIPES["finetune_b16_paper"].flags  # the defaults; --linprobe's are RECIPES["linprobe_mae"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.new_parser("MaskAlign fine-tuning / linear probing")
     cli.add_recipe_arg(parser, RECIPES)
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="vit_base_patch16_224", help="timm ViT to fine-tune")
+    g.add_argument("--model", default=PAPER["model"], help="timm ViT to fine-tune")
     g.add_argument("--model_kwargs", nargs="*", action=cli.ParseKwargs, default={}, metavar="KEY=VALUE",
                    help="extra timm.create_model arguments, e.g. depth=6")
     g.add_argument("--finetune", default="", help="pre-trained checkpoint: ours, MAE's, the reference "
@@ -59,14 +58,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "MAE's plain bicubic (F.interpolate)")
     g.add_argument("--nb_classes", type=int, default=None, help="classifier outputs (default: the number of "
                    "classes in the data; a larger value is allowed with a warning, a smaller one is refused)")
-    g.add_argument("--global_pool", action="store_true", default=True, help="average-pool the patch tokens")
+    g.add_argument("--global_pool", action="store_true", default=PAPER["global_pool"],
+                   help="average-pool the patch tokens")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify from [CLS] instead")
     g.add_argument("--linprobe", action="store_true", help="linear probing: frozen backbone, BN + linear head")
     g.add_argument("--linprobe_crop", choices=("mae", "torchvision"), default="mae",
                    help="--linprobe's random resized crop: MAE's single-draw TF-style crop, or torchvision's")
-    g.add_argument("--opt", choices=("adamw", "lars", "sgd"), default="adamw",
+    g.add_argument("--opt", choices=("adamw", "lars", "sgd"), default=PAPER["opt"],
                    help="fine-tuning: any, with layer decay and weight-decay groups; --linprobe: lars or sgd")
-    g.add_argument("--layer_decay", type=float, default=0.6, help="layer-wise lr decay (fine-tuning)")
+    g.add_argument("--layer_decay", type=float, default=PAPER["layer_decay"], help="layer-wise lr decay (fine-tuning)")
     g.add_argument("--model_ema", action="store_true",
                    help="keep an EMA of the weights: evaluated every epoch, saved as `model_ema`, and "
                         "checkpoint-best.pth holds whichever of model / EMA scored the best top-1")
@@ -74,13 +74,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("augmentation and regularisation (MAE's fine-tuning recipe)")
     g.add_argument("--color_jitter", type=float, default=None)
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy ('' to disable)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--aa", default=PAPER["aa"], help="RandAugment policy ('' to disable)")
+    g.add_argument("--smoothing", type=float, default=PAPER["smoothing"], help="label smoothing")
+    g.add_argument("--reprob", type=float, default=PAPER["reprob"], help="random erasing probability")
     g.add_argument("--remode", default="pixel")
     g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 disables)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 disables)")
+    g.add_argument("--mixup", type=float, default=PAPER["mixup"], help="mixup alpha (0 disables)")
+    g.add_argument("--cutmix", type=float, default=PAPER["cutmix"], help="cutmix alpha (0 disables)")
     g.add_argument("--cutmix_minmax", type=float, nargs=2, default=None)
     g.add_argument("--mixup_prob", type=float, default=1.0)
     g.add_argument("--mixup_switch_prob", type=float, default=0.5)
@@ -94,9 +94,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_file_list", default=None, help="validation set as a file list ('path label' lines) "
                    "instead of <data_path>/val/; without either, fine-tuning refuses to start")
 
-    cli.add_training_args(parser, batch_size=128, epochs=100, blr=3e-4, drop_path=0.2, weight_decay=0.05,
-                          warmup_epochs=5)
-    parser.set_defaults(min_lr=1e-6)  # MAE's fine-tuning default
+    cli.add_training_args(parser, **{k: PAPER[k] for k in ("batch_size", "epochs", "blr", "drop_path", "weight_decay",
+                                                            "warmup_epochs")})
+    parser.set_defaults(min_lr=PAPER["min_lr"], accum_iter=PAPER["accum_iter"])
     return parser
 
 
@@ -108,7 +108,7 @@ def parse_args_and_checkpoint(argv: Optional[Sequence[str]] = None) -> tuple[arg
     """The arguments, and with `--eval --resume CKPT` the checkpoint they adopted the architecture from (read
     once: main() evaluates its weights); None when there is none or it is unusable (main() reports that)."""
     parser = get_args_parser()
-    args = cli.parse(parser, argv, presets={"--linprobe": MAE_LINPROBE}, recipes=RECIPES)
+    args = cli.parse(parser, argv, presets={"--linprobe": RECIPES["linprobe_mae"].flags}, recipes=RECIPES)
     cli.resolve_classification(parser, args)
     if args.recipe and args.linprobe != (RECIPES[args.recipe].task == "linprobe"):
         parser.error(f"--recipe {args.recipe} is a {RECIPES[args.recipe].task} recipe; "
@@ -240,12 +240,12 @@ def build_datasets(args):
     return train, val
 
 
-def val_loader(args, env: DistEnv, dataset) -> DataLoader:
+def val_loader(args, env: DistEnv, dataset, stop_policy: StopPolicy = DEFAULT_POLICY) -> DataLoader:
     """Every sample exactly once: sharded across ranks with --dist_eval, else each rank sees all of it."""
     indices = range(env.rank, len(dataset), env.world_size) if args.dist_eval else range(len(dataset))
     return DataLoader(dataset, batch_size=args.batch_size, sampler=list(indices), num_workers=args.num_workers,
                       pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
-                      worker_init_fn=ignore_stop_signals)
+                      worker_init_fn=stop_policy.worker_init_fn)
 
 
 def make_forward(mixup_fn: Optional[Mixup], criterion: nn.Module):
@@ -257,7 +257,7 @@ def make_forward(mixup_fn: Optional[Mixup], criterion: nn.Module):
     return classification_forward
 
 
-def main(args: argparse.Namespace, resumed: Optional[dict] = None) -> None:
+def main(args: argparse.Namespace, resumed: Optional[dict] = None, stop_policy: StopPolicy = DEFAULT_POLICY) -> None:
     """`resumed`: the --resume checkpoint already read by parse_args_and_checkpoint (else it is read here)."""
     env, device = setup(args)
     if args.data_path is None:
@@ -265,7 +265,7 @@ def main(args: argparse.Namespace, resumed: Optional[dict] = None) -> None:
     logger.info("args: %s", json.dumps(vars(args), sort_keys=True))
     train_data, val_set = build_datasets(args)
     model = build_model(args).to(device)
-    val = val_loader(args, env, val_set)
+    val = val_loader(args, env, val_set, stop_policy)
     if args.eval:
         if args.resume:
             ckpt = resumed if resumed is not None else checkpoint.load(args.resume)
@@ -317,7 +317,7 @@ def main(args: argparse.Namespace, resumed: Optional[dict] = None) -> None:
                 end_of_epoch=end_of_epoch, after_optimizer_step=(lambda: ema.update(model)) if ema else None,
                 extra_state=extra_state, load_extra_state=load_extra_state,
                 collate_fn=train_data.collate_fn, batch_to_device=train_data.batch_to_device)
-    fit(args, env, device, task)
+    fit(args, env, device, task, stop_policy)
 
 
 def best_checkpoint(model: nn.Module, ema: Optional[ModelEmaV3], source: str, acc1: float, epoch: int,
@@ -349,10 +349,10 @@ def warn_if_not_protocol_batch(args, env: DistEnv) -> None:
                        eff_batch, args.batch_size, args.accum_iter, env.world_size, LINPROBE_EFFECTIVE_BATCH)
 
 
-def run(argv: Optional[Sequence[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None, stop_policy: StopPolicy = DEFAULT_POLICY) -> int:
     """Entry point with exit codes: 0 done, 1 non-finite loss / bad data, 143 stopped by a signal."""
     args, resumed = parse_args_and_checkpoint(argv)
-    return run_main(functools.partial(main, resumed=resumed), args)
+    return run_main(functools.partial(main, resumed=resumed, stop_policy=stop_policy), args)
 
 
 if __name__ == "__main__":

@@ -5,60 +5,65 @@
     python main_pretrain.py --demo          # the demo's pre-training: CPU, shipped digits, a trained small teacher
 """
 import argparse
+import functools
 import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Optional
 
 import timm
 import torch
 
 import models_maskalign
+from demo_inputs import prepare_demo
 from engine import Task, amp_dtype, fit, run_main, setup
 from util import args as cli
 from util.data import TrainData, build_train_data
-from util.demo import DEMO_DEFAULTS, prepare_demo
 from util.distributed import DistEnv, barrier
+from util.figures import tensorboard_pictures
 from util.metrics import TensorboardWriter
 from util.optim import adamw, param_groups_weight_decay
 from util.recipes import recipes_for
 from util.sampler import PerSampleSeeded
+from util.signals import DEFAULT_POLICY, StopPolicy
 
 logger = logging.getLogger("maskalign")
 RECIPES = recipes_for("pretrain")
+PAPER = RECIPES["pretrain_b16_paper"].flags  # the defaults
+DEMO = "pretrain_demo"  # --demo's recipe
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.new_parser("MaskAlign pre-training")
     cli.add_recipe_arg(parser, RECIPES)
-    parser.add_argument("--model", default="maskalign_vit_base_patch16", choices=timm.list_models("maskalign*"),
+    parser.add_argument("--model", default=PAPER["model"], choices=timm.list_models("maskalign*"),
                         help="student architecture")
     parser.add_argument("--model_kwargs", nargs="*", action=cli.ParseKwargs, default={}, metavar="KEY=VALUE",
                         help="override the student architecture, e.g. depth=6 embed_dim=384 num_heads=6")
     parser.add_argument("--demo", action="store_true",
-                        help="the demo's pre-training (CPU, scikit-learn's digits, a small teacher trained on "
-                             "them first); other flags override it. `make demo` runs the whole comparison")
+                        help=f"--recipe {DEMO}, and the digits and the label-trained teacher it needs are made "
+                             "first (under --output_dir) unless given; `make demo` runs the whole comparison")
     parser.add_argument("--vis_freq", type=int, default=5,
                         help="tensorboard gets the DA heatmap, the masks and the teacher's attention every N "
                              "epochs and at the last (0: never)")
-    cli.add_training_args(parser, batch_size=128, epochs=200, blr=1.5e-4, drop_path=0.1, weight_decay=0.05,
-                          warmup_epochs=None)
+    cli.add_training_args(parser, **{k: PAPER[k] for k in ("batch_size", "epochs", "blr", "drop_path", "weight_decay")},
+                          warmup_epochs=None)  # 10% of --epochs
     cli.add_maskalign_args(parser)
     return parser
 
 
 # Model arguments that flags set: --model_kwargs must not give them a second value.
 MODEL_FLAGS = {"img_size": "use --input_size", "drop_path_rate": "use --drop_path",
-               "num_classes": "the pre-training student has no classifier",
-               **{name: f"use --{name}" for name in ("teacher", "teacher_weights", "teacher_kwargs", "mask_type",
-                                                     "mask_ratio", "top_k", "align", "adaptor", "target_norm",
-                                                     "loss_type", "align_cls")}}
+               "num_classes": "the pre-training student has no classifier", "config": "use the MaskAlign flags",
+               **{name: f"use --{name}" for name in ("teacher", "teacher_weights", "teacher_kwargs",
+                                                     *(f.name for f in fields(models_maskalign.MaskAlignConfig)))}}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = get_args_parser()
-    args = cli.parse(parser, argv, presets={"--demo": DEMO_DEFAULTS}, recipes=RECIPES)
+    args = cli.parse(parser, argv, presets={"--demo": RECIPES[DEMO].flags}, recipes=RECIPES)
     cli.check_model(parser, args, lambda: models_maskalign.student_vit(
         args.model, img_size=args.input_size, drop_path_rate=args.drop_path, **args.model_kwargs), MODEL_FLAGS)
     return args
@@ -68,18 +73,9 @@ def build_model(args: argparse.Namespace) -> models_maskalign.MaskAlignViT:
     """The model the flags describe; a teacher that cannot be built or cannot match the student ends the
     run with its message (exit code 1), not a traceback."""
     try:
-        return _build_model(args)
+        return models_maskalign.build_from_args(args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
-
-
-def _build_model(args: argparse.Namespace) -> models_maskalign.MaskAlignViT:
-    return models_maskalign.__dict__[args.model](
-        teacher=args.teacher, teacher_weights=args.teacher_weights, teacher_kwargs=args.teacher_kwargs,
-        img_size=args.input_size,
-        drop_path_rate=args.drop_path, mask_type=args.mask_type, mask_ratio=args.mask_ratio, top_k=args.top_k,
-        align=args.align, adaptor=args.adaptor, target_norm=args.target_norm, loss_type=args.loss_type,
-        align_cls=args.align_cls, **args.model_kwargs)
 
 
 def pretrain_forward(model, batch):
@@ -97,34 +93,7 @@ def prepare_demo_inputs(args: argparse.Namespace, env: DistEnv) -> None:
         prepare_demo(args, dry=True)
 
 
-def tensorboard_pictures(model: models_maskalign.MaskAlignViT, dataset, args: argparse.Namespace):
-    """end_of_epoch hook: every --vis_freq epochs (and at the last), a readable DA heatmap and the masks and
-    teacher's attention on a few fixed training images (visualize.py draws both; matplotlib takes ~1 s)."""
-    import visualize
-    samples = getattr(dataset, "samples", [])  # image files; shard members and in-memory data draw nothing
-    step = max(1, len(samples) // 16)
-    files = visualize.readable_images([path for path, _ in samples[::step] if isinstance(path, str)], 4)
-
-    def write(epoch: int, writer: TensorboardWriter) -> None:
-        due = args.vis_freq and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs)
-        if writer.writer is None or not due or not files:
-            return
-        was_training = model.training
-        if model.dynamic_align.weight is not None:
-            figure = visualize.alignment_figure(model.dynamic_align.weight, model.target_levels)
-            writer.image("dynamic_alignment_matrix", visualize.figure_to_chw(figure), (epoch + 1) * 1000)
-        images, pixels = visualize.load_images(files, args.input_size)
-        images = images.to(next(model.parameters()).device)
-        attention = visualize.teacher_attention(model.teacher, images).cpu()
-        attentive, random = visualize.sample_masks(attention, args.mask_ratio or 0.7, args.seed)
-        similarity = visualize.visible_similarity(model, images, attentive.to(images.device))
-        figure = visualize.overview_figure(pixels, attention, attentive, random, similarity, args.mask_ratio or 0.7)
-        writer.image("masks_and_attention", visualize.figure_to_chw(figure), (epoch + 1) * 1000)
-        model.train(was_training)
-    return write
-
-
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace, stop_policy: StopPolicy = DEFAULT_POLICY) -> None:
     env, device = setup(args)
     if args.demo:
         prepare_demo_inputs(args, env)
@@ -134,7 +103,7 @@ def main(args: argparse.Namespace) -> None:
     data = build_train_data(args.data_backend, args.data_path, args.input_size, file_list=args.file_list,
                             max_bad_fraction=args.max_bad_fraction)
     model = build_model(args).to(device)
-    fit(args, env, device, make_task(args, model, data, device))
+    fit(args, env, device, make_task(args, model, data, device), stop_policy)
 
 
 def make_task(args: argparse.Namespace, model: models_maskalign.MaskAlignViT, data: TrainData,
@@ -154,9 +123,9 @@ def make_task(args: argparse.Namespace, model: models_maskalign.MaskAlignViT, da
                 batch_to_device=data.batch_to_device)
 
 
-def run(argv: Optional[Sequence[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None, stop_policy: StopPolicy = DEFAULT_POLICY) -> int:
     """Entry point with exit codes: 0 done, 1 non-finite loss / bad data, 143 stopped by a signal."""
-    return run_main(main, parse_args(argv))
+    return run_main(functools.partial(main, stop_policy=stop_policy), parse_args(argv))
 
 
 if __name__ == "__main__":

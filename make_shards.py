@@ -20,6 +20,7 @@ import tarfile
 from collections.abc import Sequence
 from typing import Optional
 
+from util import args as cli
 from util.data import read_file_list, scan_image_folder
 from util.shards import scan_shard, write_index
 
@@ -27,8 +28,7 @@ logger = logging.getLogger("maskalign.data")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Pack images into WebDataset tar shards",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.new_parser("Pack images into WebDataset tar shards")
     parser.add_argument("--data_path", required=True, help="ImageFolder root (root/<class>/<image>), or the "
                                                            "root the --file_list paths are relative to")
     parser.add_argument("--file_list", default=None, help="text file of 'relative/path label' lines")

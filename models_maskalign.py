@@ -31,13 +31,13 @@ from maskalign.alignment import (
     normalize_target,
 )
 from maskalign.masking import (
-    MASK_TYPES,
-    attentive_visible,
+    MASKINGS,
+    MaskingRequest,
     check_mask_ratio,
     gather_tokens,
     mask_from_visible,
     num_visible,
-    random_visible,
+    sample_visible,
 )
 from maskalign.pos_embed import sincos_2d_pos_embed
 from maskalign.teacher_weights import build_teacher
@@ -67,7 +67,7 @@ class MaskAlignConfig:
     align_cls: bool = True
 
     def __post_init__(self) -> None:
-        for name, choices in (("mask_type", MASK_TYPES), ("align", ALIGN_FORMS), ("adaptor", ADAPTORS),
+        for name, choices in (("mask_type", tuple(MASKINGS)), ("align", ALIGN_FORMS), ("adaptor", ADAPTORS),
                               ("target_norm", TARGET_NORMS), ("loss_type", LOSS_TYPES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -91,8 +91,8 @@ def check_teacher_fits(teacher: Teacher, grid_size: int, top_k: int, mask_type: 
         raise ValueError(f"the teacher's patch grid ({teacher_grid}x{teacher_grid}) does not match the "
                          f"student's ({grid_size}x{grid_size}); build the teacher for the student's input size")
     if not teacher.has_cls_token:
-        if mask_type == "attentive":
-            raise ValueError("attentive masking needs a teacher with a [CLS] token; "
+        if MASKINGS[mask_type].needs_cls_attention:
+            raise ValueError(f"{mask_type} masking needs a teacher with a [CLS] token; "
                              "use mask_type='random' or a teacher with a [CLS] token")
         if align_cls:
             raise ValueError("aligning [CLS] needs a teacher with a [CLS] token; set align_cls=False "
@@ -175,10 +175,9 @@ class MaskAlignViT(VisionTransformer):
 
     def sample_visible(self, batch_size: int, mask_ratio: float, cls_attention: Optional[torch.Tensor],
                        device: torch.device) -> torch.Tensor:
-        len_keep = num_visible(self.num_patches, mask_ratio)
-        if self.config.mask_type == "attentive":
-            return attentive_visible(cls_attention, len_keep)
-        return random_visible(batch_size, self.num_patches, len_keep, device)
+        request = MaskingRequest(batch_size, self.num_patches, num_visible(self.num_patches, mask_ratio), device,
+                                 cls_attention)
+        return sample_visible(self.config.mask_type, request)
 
     def targets(self, teacher_levels: dict[int, torch.Tensor], ids_keep: torch.Tensor,
                 visible_levels: frozenset[int] = frozenset()) -> torch.Tensor:
@@ -212,7 +211,7 @@ class MaskAlignViT(VisionTransformer):
         """
         mask_ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         check_mask_ratio(mask_ratio)
-        need_attention = ids_keep is None and self.config.mask_type == "attentive" and mask_ratio > 0
+        need_attention = ids_keep is None and MASKINGS[self.config.mask_type].needs_cls_attention and mask_ratio > 0
 
         def choose_visible(cls_attention: Optional[torch.Tensor]) -> torch.Tensor:
             if ids_keep is not None:
@@ -243,15 +242,16 @@ _TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 def create_maskalign(arch: str, pretrained: bool = False, teacher: Union[str, Teacher] = DEFAULT_TEACHER,
                      teacher_weights: Optional[str] = None, teacher_kwargs: Optional[dict] = None,
-                     **kwargs: Any) -> MaskAlignViT:
-    """Build a MaskAlign model: student architecture `arch` (a key of STUDENT_ARCHS) and a teacher spec."""
+                     config: Optional[MaskAlignConfig] = None, **kwargs: Any) -> MaskAlignViT:
+    """Build a MaskAlign model: student architecture `arch` (a key of STUDENT_ARCHS) and a teacher spec; the
+    MaskAlign choices come as `config` or as its fields among `kwargs` (MAE-style)."""
     if pretrained:
         raise ValueError("there are no registered MaskAlign pre-training weights; build with pretrained=False "
                          "and load a checkpoint (main_pretrain.py --resume PATH)")
     for key in _TIMM_FACTORY_KWARGS:
         kwargs.pop(key, None)
     arch_cfg, timm_name = STUDENT_ARCHS[arch]
-    config = MaskAlignConfig.pop_from(kwargs)  # validated before the (possibly slow) teacher is built
+    config = config or MaskAlignConfig.pop_from(kwargs)  # validated before the (possibly slow) teacher is built
     cfg = {**arch_cfg, **kwargs}
     if isinstance(teacher, str):
         teacher = build_teacher(teacher, cfg.get("img_size", 224), cfg.get("patch_size", 16),
@@ -260,6 +260,15 @@ def create_maskalign(arch: str, pretrained: bool = False, teacher: Union[str, Te
     if kwargs.keys().isdisjoint({"embed_dim", "depth", "num_heads", "patch_size", "mlp_ratio"}):
         model.student_arch = timm_name
     return model
+
+
+def build_from_args(args: Any) -> MaskAlignViT:
+    """The model that main_pretrain.py's flags describe (an argparse.Namespace, or a checkpoint's stored args
+    read back into one). Raises ValueError for a teacher that cannot be built or cannot match the student."""
+    config = MaskAlignConfig(**{f.name: getattr(args, f.name) for f in fields(MaskAlignConfig)})
+    return globals()[args.model](
+        teacher=args.teacher, teacher_weights=args.teacher_weights, teacher_kwargs=args.teacher_kwargs,
+        img_size=args.input_size, drop_path_rate=args.drop_path, config=config, **args.model_kwargs)
 
 
 def student_vit(model_name: str, **kwargs: Any) -> VisionTransformer:

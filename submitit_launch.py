@@ -3,37 +3,12 @@
     python submitit_launch.py pretrain --nodes 4 --ngpus 8 --partition learnlab --timeout 4320 \
         --job_dir /checkpoint/$USER/maskalign/ma_b16/%j -- --data_path /datasets/imagenet --batch_size 32 \
         --teacher openai/clip-vit-base-patch16 --teacher_weights /ckpt/clip/ViT-B-16.pt
-    python submitit_launch.py finetune ... --finetune /checkpoint/$USER/maskalign/ma_b16/checkpoint-199.pth
     python submitit_launch.py pretrain --sweep sweep.yaml --nodes 2 ...     # one array job per sweep point
     python submitit_launch.py pretrain --dry_run ...                        # print the sbatch script, submit nothing
-    python submitit_launch.py pretrain --local --ngpus 0 ... --device cpu   # submitit's local executor, no SLURM
 
-The task is the first word (`pretrain`, `finetune`, `linprobe`) or `--task`. Launcher flags are listed by
-`--help`; every other flag goes unchanged to the task's entry point (main_pretrain.py / main_finetune.py,
-`linprobe` adds `--linprobe`), is validated by that entry point's parser before anything is submitted, and
-may contain %j (job id), %A (array id), %a (array index). `--` may separate the two groups.
-Training `--output_dir` defaults to `--job_dir` up to its first folder with a job tag (`.../ma_b16/%j` ->
-`.../ma_b16`): the same for every submission, so resubmitting a command resumes from its last checkpoint, while
-each job's submitit files and logs (`<id>_0_log.err` has the training's progress) stay in `<job_dir>` with the
-tag expanded. In a sweep each point writes to `<output_dir>/<its overrides>`.
-
-Checked before anything is submitted: every training flag (by the task's own parser: data, files, sizes), and,
-unless `--nodes_online` says the compute nodes reach the internet, that a teacher's hub weights are cached here
-(otherwise `--teacher_weights FILE` is needed); jobs then run with HF_HUB_OFFLINE=1. `--after JOB_ID` chains a
-job to an earlier one (e.g. fine-tuning after pre-training), whose checkpoint need not exist yet.
-
-Sweep files (YAML or JSON), values as they would appear on the command line (lists for nargs flags, mappings
-for KEY=VALUE flags, true/false for switches):
-    grid: {mask_ratio: [0.6, 0.7], top_k: [3, 5]}        # cartesian product (4 points)
-    {mask_ratio: [0.6, 0.7], top_k: [3, 5]}              # the same: a plain mapping of lists is a grid
-    [{mask_ratio: 0.6}, {mask_ratio: 0.7, blr: 3e-4}]    # a list of points
-The points go out as one SLURM job array; `<job_dir>/sweep.json` and `sweep.csv` map job ids to settings and
-output directories. In a sweep, %j in --job_dir means the array id, so the whole array shares one folder.
-
-Preemption and timeouts: SLURM signals the job (USR2, --signal_delay_s before the time limit, and on
-preemption); every rank then writes checkpoint-latest.pth at the next optimizer step and stops, and rank 0
-requeues through submitit. The requeued job resumes from that checkpoint at the exact iteration. How the
-signals are shared between submitit and the training loop is explained in util/slurm.py.
+The task is the first word (`pretrain`, `finetune`, `linprobe`); launcher flags are MAE's plus a few (`--help`),
+every other flag goes to the task's entry point and is validated by its parser before anything is submitted.
+docs/slurm.md covers output folders, resubmission, sweep files, chained jobs and preemption.
 """
 import argparse
 import contextlib
@@ -337,7 +312,7 @@ def _pending_files(argv: list[str]) -> set[str]:
 def _check_teacher_offline(train_args: argparse.Namespace) -> None:
     """Compute nodes without internet (the default assumption) can only use hub weights that are cached."""
     from maskalign.teacher_weights import cached_hub_file, hub_source, resolve_teacher_spec
-    from util.demo import DEMO_TEACHER
+    from util.recipes import DEMO_TEACHER
 
     if train_args.demo and train_args.teacher_weights is None and train_args.teacher == DEMO_TEACHER:
         return  # the demo writes its own local teacher file

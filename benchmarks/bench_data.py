@@ -13,7 +13,6 @@ the normalisation; for `gpu` the decode and crop, on the GPU with --device cuda)
 Measurements of all backends alternate round by round and the median is reported, because a shared
 machine's load changes under a long run.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -27,11 +26,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from util.data import (  # noqa: E402
-    DATA_BACKENDS,
-    build_train_data,
-    shipped_photos,  # noqa: E402
-)
+from benchmarks.photos import shipped_photos  # noqa: E402
+from util.args import new_parser  # noqa: E402
+from util.data import DATA_BACKENDS, build_train_data  # noqa: E402
 from util.sampler import PerSampleSeeded  # noqa: E402
 
 # benchmarks/bench_pretrain.py, README "Speed": ViT-B/16 student + CLIP-B/16 teacher, bf16, batch 128, one H200
@@ -129,7 +126,7 @@ def device_only(data, dataset, batch_size: int, device: torch.device, batches: i
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser(__doc__)
     parser.add_argument("--data_path", default=None, help="ImageFolder (or shards) to read; default: generated")
     parser.add_argument("--gen_dir", default=os.path.join(tempfile.gettempdir(), "maskalign_bench_data"))
     parser.add_argument("--num_images", type=int, default=200, help="images to generate")

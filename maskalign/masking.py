@@ -1,13 +1,14 @@
-"""Which patches the student sees (docs/method.md, step 3).
+"""Which patches the student sees (docs/method.md, step 3): the masking strategies and their registry.
 
-All functions return `ids_keep`, a B x len_keep LongTensor of distinct patch indices (raster order of the
-patch grid); `mask_from_visible` turns it into MAE's B x N mask (1 = dropped).
+Every strategy returns `ids_keep`, a B x len_keep LongTensor of distinct patch indices (raster order of the
+patch grid); `mask_from_visible` turns it into MAE's B x N mask (1 = dropped). A new strategy is one function
+of a `MaskingRequest` plus one entry in `MASKINGS`; the model, the start-up checks and visualize.py read it.
 """
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
-MASK_TYPES = ("random", "attentive")
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
@@ -52,3 +53,33 @@ def mask_from_visible(ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
 def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """tokens B x N x C, ids B x n -> B x n x C."""
     return tokens.gather(1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+@dataclass(frozen=True)
+class MaskingRequest:
+    """What a strategy may use to choose the visible patches of one batch."""
+    batch_size: int
+    num_patches: int
+    len_keep: int
+    device: torch.device
+    cls_attention: Optional[torch.Tensor] = None  # B x N teacher [CLS] attention, given to strategies that need it
+    generator: Optional[torch.Generator] = None
+
+
+@dataclass(frozen=True)
+class Masking:
+    sample: Callable[[MaskingRequest], torch.Tensor]  # -> ids_keep
+    needs_cls_attention: bool  # the teacher computes its last block's [CLS] attention row for it
+
+
+MASKINGS: dict[str, Masking] = {
+    "attentive": Masking(lambda r: attentive_visible(r.cls_attention, r.len_keep, r.generator),
+                         needs_cls_attention=True),
+    "random": Masking(lambda r: random_visible(r.batch_size, r.num_patches, r.len_keep, r.device, r.generator),
+                      needs_cls_attention=False),
+}
+
+
+def sample_visible(mask_type: str, request: MaskingRequest) -> torch.Tensor:
+    """`ids_keep` of the strategy named `mask_type` (a key of MASKINGS)."""
+    return MASKINGS[mask_type].sample(request)

@@ -231,8 +231,8 @@ def test_help_states_the_defaults_the_issue_found_missing_or_wrong():
     assert "the number of classes in the data" in finetune["--nb_classes NB_CLASSES"]
     assert finetune["--cls_token"].endswith("(default: off)") and finetune["--global_pool"].endswith("(default: on)")
     assert pretrain["--align_cls, --no-align_cls"].endswith("(default: on)")
-    assert "--mask_type {random,attentive}" in pretrain and "[attention = attentive]" in pretrain[
-        "--mask_type {random,attentive}"]
+    assert "--mask_type {attentive,random}" in pretrain and "[attention = attentive]" in pretrain[
+        "--mask_type {attentive,random}"]
     assert "linear = official, simple = layerwise" in pretrain["--fusion_type {linear,simple}"]
 
 

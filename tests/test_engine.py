@@ -13,13 +13,14 @@ import engine
 from util import checkpoint
 from util.distributed import DistEnv
 from util.metrics import MetricLogger, TensorboardWriter
+from util.signals import DEFAULT_POLICY, StopSignals
 
 
-def loop_context(tmp_path, saves, lr_given=False, **args):
+def loop_context(tmp_path, saves, lr_given=False, stop_policy=DEFAULT_POLICY, **args):
     defaults = dict(accum_iter=1, save_interval_min=60.0, output_dir=str(tmp_path), print_freq=100, batch_size=2,
                     seed=0, amp="none", clip_grad=None, lr=0.1, min_lr=0.0, warmup_epochs=0, epochs=1, resume="")
     return engine.LoopContext(args=SimpleNamespace(**{**defaults, **args}), env=DistEnv(), device=torch.device("cpu"),
-                              writer=TensorboardWriter(None, False), signals=engine.StopSignals(),
+                              writer=TensorboardWriter(None, False), signals=StopSignals(stop_policy),
                               save_latest=lambda epoch, step: saves.append((epoch, step)), lr_given=lr_given)
 
 
@@ -142,14 +143,14 @@ def test_advice_after_a_non_finite_loss_fits_the_run(tmp_path):
 
 
 def test_advice_inside_a_job_the_launcher_requeues_says_resubmit_not_rerun(tmp_path, monkeypatch):
-    from util.slurm import submitit_signal_policy
-    with submitit_signal_policy(signal.SIGUSR2):
-        assert "then resubmit the job to start again" in nan_advice(tmp_path)
-        ctx = loop_context(tmp_path, [])
-        ctx.signals.agreed_stop = True
-        with pytest.raises(engine.TrainingInterrupted) as exc:
-            engine._stop_if_agreed(ctx, epoch=0, next_step=2)
-        assert "rerun" not in str(exc.value) and "requeued" in str(exc.value)
+    from util.slurm import submitit_stop_policy
+    in_a_job = submitit_stop_policy(signal.SIGUSR2)
+    assert "then resubmit the job to start again" in nan_advice(tmp_path, stop_policy=in_a_job)
+    ctx = loop_context(tmp_path, [], stop_policy=in_a_job)
+    ctx.signals.agreed_stop = True
+    with pytest.raises(engine.TrainingInterrupted) as exc:
+        engine._stop_if_agreed(ctx, epoch=0, next_step=2)
+    assert "rerun" not in str(exc.value) and "requeued" in str(exc.value)
     assert "then rerun" in nan_advice(tmp_path)
 
 
@@ -167,12 +168,12 @@ def test_workers_that_drop_stop_signals_still_end_with_the_main_process():
     import subprocess
     import sys
     script = (
-        "import time, torch, engine\n"
+        "import time, torch\nfrom util import signals\n"
         "from torch.utils.data import DataLoader, Dataset\n"
         "class Slow(Dataset):\n"
         "    def __len__(self): return 1000\n"
         "    def __getitem__(self, i): time.sleep(0.01); return torch.zeros(2)\n"
-        "KEPT = iter(DataLoader(Slow(), batch_size=2, num_workers=2, worker_init_fn=engine.ignore_stop_signals))\n"
+        "KEPT = iter(DataLoader(Slow(), batch_size=2, num_workers=2, worker_init_fn=signals.ignore_stop_signals))\n"
         "next(KEPT)\n")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=120).returncode == 0

@@ -10,7 +10,8 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision import transforms
 
-from util.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RobustImageDataset, build_train_data, shipped_photos
+from benchmarks.photos import shipped_photos
+from util.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, RobustImageDataset, build_train_data
 from util.fast_crop import (
     FastRandomResizedCrop,
     NormalizeOnDevice,

@@ -589,9 +589,9 @@ def test_eval_reads_its_checkpoint_once(labelled, tmp_path, monkeypatch):
     kept = {}
     real_main = main_finetune.main
 
-    def main(args, resumed=None):
+    def main(args, resumed=None, **kwargs):
         kept["before"] = sorted(k for k, v in resumed.items() if v is not None)
-        real_main(args, resumed)
+        real_main(args, resumed, **kwargs)
         kept["after"] = dict(resumed)
     monkeypatch.setattr(main_finetune, "main", main)
     assert main_finetune.run(eval_argv(labelled, ckpt, tmp_path / "eval")) == 0

@@ -10,12 +10,12 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 import engine
+from benchmarks.photos import shipped_photos
 from util.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     TooManyBadSamplesError,
     build_train_data,
-    shipped_photos,
 )
 from util.fast_crop import FastRandomResizedCrop, normalize_pixels
 from util.gpu_decode import EncodedCrop, crop_boxes

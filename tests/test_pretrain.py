@@ -213,14 +213,14 @@ def test_torch_distributed_launch_local_rank_flag_is_accepted():
 def test_demo_preset_prepares_data_and_trains_the_teacher(tmp_path, monkeypatch):
     import functools
 
-    import util.demo
-    monkeypatch.setattr(util.demo, "prepare_demo_data",
-                        functools.partial(util.demo.prepare_demo_data, per_class=3))
-    monkeypatch.setattr(util.demo, "TEACHER_EPOCHS", 1)
+    import demo_inputs
+    from util.recipes import DEMO_TEACHER
+    monkeypatch.setattr(demo_inputs, "prepare_demo_data", functools.partial(demo_inputs.prepare_demo_data, per_class=3))
+    monkeypatch.setattr(demo_inputs, "TEACHER_EPOCHS", 1)
     argv = ["--demo", "--output_dir", str(tmp_path), "--epochs", "1", "--batch_size", "8", "--vis_freq", "0"]
     args = main_pretrain.parse_args(argv)
     assert (args.model, args.input_size, args.device, args.teacher) == (
-        "maskalign_vit_tiny_patch16", 32, "cpu", util.demo.DEMO_TEACHER)
+        "maskalign_vit_tiny_patch16", 32, "cpu", DEMO_TEACHER)
     assert main_pretrain.run(argv) == 0
     assert sorted(os.listdir(tmp_path / "demo_data" / "train")) == [str(d) for d in range(10)]  # the digits
     assert len(os.listdir(tmp_path / "demo_data" / "val" / "7")) == 3

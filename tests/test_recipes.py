@@ -49,6 +49,8 @@ def test_documented_differences_between_paper_and_release():
     assert flags["pretrain_l16_release"]["drop_path"] == 0.2 and flags["pretrain_l16_paper"]["drop_path"] == 0.1
     # Dynamic Alignment: eq. (1) in the paper's recipes, the reference code's mix-then-adapt in the release's
     for name, recipe in recipes_for("pretrain").items():
+        if recipe.source == "demo":
+            continue
         assert recipe.flags["align"] == {"paper": "dynamic", "release": "official"}[recipe.source], name
     # what differs between a paper recipe and its release twin is exactly what the docs list
     assert diff(flags["pretrain_b16_paper"], flags["pretrain_b16_release"]) == {"min_lr", "align"}

@@ -18,9 +18,9 @@ import huggingface_hub
 import pytest
 from tiny import assert_same_weights, pretrain_argv
 
-import engine
 import submitit_launch as launch
 from util import checkpoint, slurm
+from util.signals import DEFAULT_POLICY, StopSignals
 
 # the preempting job class below must travel by value: the job process cannot import this test module
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -354,16 +354,17 @@ def test_job_tags_expand_like_slurm():
 def test_signal_policy_in_a_submitit_job():
     """Preemption stops the loop, SIGTERM only checkpoints; the defaults come back afterwards."""
     usr2 = signal.SIGUSR2
-    with slurm.submitit_signal_policy(usr2):
-        signals = engine.StopSignals().install()
-        try:
-            signal.raise_signal(signal.SIGTERM)
-            assert (signals.pending_save, signals.pending_stop) == (True, False)
-            signal.raise_signal(usr2)
-            assert signals.pending_stop
-        finally:
-            signals.uninstall()
-    assert engine.StopSignals.actions == {signal.SIGUSR1: "save", signal.SIGTERM: "stop"}
+    policy = slurm.submitit_stop_policy(usr2)
+    signals = StopSignals(policy).install()
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        assert (signals.pending_save, signals.pending_stop) == (True, False)
+        signal.raise_signal(usr2)
+        assert signals.pending_stop
+    finally:
+        signals.uninstall()
+    assert policy.requeued_by_launcher and not DEFAULT_POLICY.requeued_by_launcher
+    assert DEFAULT_POLICY.actions == {signal.SIGUSR1: "save", signal.SIGTERM: "stop"}
     assert signal.getsignal(usr2) == signal.SIG_DFL
 
 

@@ -11,6 +11,7 @@ from tiny import pretrain_argv, register_open_clip_config
 
 import main_pretrain
 import visualize
+from util import figures
 
 CLIP = "maskalign-test-vis-clip"  # patch 16, 64 px: a 4x4 grid
 
@@ -38,7 +39,7 @@ def bright_images(tmp_path_factory):
 
 def masked_share(path):
     pixels = np.asarray(Image.open(path))
-    return (pixels == np.array(visualize.MASK_FILL)).all(axis=-1).mean()
+    return (pixels == np.array(figures.MASK_FILL)).all(axis=-1).mean()
 
 
 @pytest.mark.parametrize("ratio", [0.75, 0.5])
@@ -60,7 +61,8 @@ def test_attentive_mask_follows_the_teacher_attention():
     """With all the attention on 4 of 16 patches and 4 visible, the attentive mask shows exactly those."""
     attention = torch.full((2, 16), 1e-9)
     attention[:, [0, 5, 10, 15]] = 1.0
-    attentive, random = visualize.sample_masks(attention, 0.75)
+    masks = figures.sample_masks(attention, 0.75)
+    attentive, random = masks["attentive"], masks["random"]
     assert torch.equal(attentive[0] == 0, attention[0] > 0.5)
     assert (random == 1).sum(dim=1).tolist() == [12, 12]
 
@@ -68,29 +70,29 @@ def test_attentive_mask_follows_the_teacher_attention():
 def test_mask_overlay_fills_exactly_the_dropped_patches():
     pixels = np.full((8, 8, 3), 200, dtype=np.uint8)
     mask = torch.tensor([1.0, 0.0, 0.0, 1.0])  # a 2x2 grid: top-left and bottom-right dropped
-    out = visualize.mask_overlay(pixels, mask)
-    filled = (out == np.array(visualize.MASK_FILL)).all(axis=-1)
+    out = figures.mask_overlay(pixels, mask)
+    filled = (out == np.array(figures.MASK_FILL)).all(axis=-1)
     assert filled[:4, :4].all() and filled[4:, 4:].all() and not filled[:4, 4:].any() and not filled[4:, :4].any()
 
 
 def test_alignment_figure_labels_values_and_targets():
     weight = torch.arange(12, dtype=torch.float32).view(3, 4) / 10
-    fig = visualize.alignment_figure(weight, [2, 3])
+    fig = figures.alignment_figure(weight, [2, 3])
     ax = fig.axes[0]
     assert sorted(t.get_text() for t in ax.texts) == sorted(f"{v:.2f}" for v in weight.flatten().tolist())
     assert [t.get_text() for t in ax.get_xticklabels()] == ["T0", "T1", "T2*", "T3*"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["S0", "S1", "S2"]
     assert len(ax.patches) == 2  # one frame per target column
-    visualize._pyplot().close(fig)
+    figures._pyplot().close(fig)
 
 
 def test_loss_figure_has_one_curve_per_level():
     records = [{"epoch": e, "train_loss": 1.0 / (e + 1), "train_loss_level0": 1.0, "train_loss_level1": 0.5,
                 "train_loss_level2": 0.2} for e in range(3)]
-    fig = visualize.loss_figure(records)
+    fig = figures.loss_figure(records)
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert labels == ["loss (mean of levels)", "target level 0", "target level 1", "target level 2"]
-    visualize._pyplot().close(fig)
+    figures._pyplot().close(fig)
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +113,9 @@ def test_checkpoint_gives_every_picture(tmp_path, pretrained, data_dir):
 
 def test_similarity_is_defined_on_visible_patches_only(pretrained, data_dir):
     model, args = visualize.load_model(str(pretrained / "checkpoint-latest.pth"))
-    images, _ = visualize.load_images(visualize.image_files([data_dir], 2), args.input_size)
-    attentive, _ = visualize.sample_masks(visualize.teacher_attention(model.teacher, images), 0.5)
-    similarity = visualize.visible_similarity(model, images, attentive)
+    images, _ = figures.load_images(figures.image_files([data_dir], 2), args.input_size)
+    attentive = figures.sample_masks(figures.teacher_attention(model.teacher, images), 0.5)["attentive"]
+    similarity = figures.visible_similarity(model, images, attentive)
     assert torch.equal(torch.isnan(similarity), attentive == 1)
     visible = similarity[attentive == 0]
     assert ((visible >= -1.0 - 1e-6) & (visible <= 1.0 + 1e-6)).all()

@@ -71,7 +71,7 @@ def assert_same_weights(a, b, exact=True):
 def make_photos(root, n=24, size=(96, 72), classes=2, seed=0, quality=90):
     """An ImageFolder of JPEG crops of scikit-image's shipped photos under root/train (natural image statistics,
     which random noise lacks, for the data-pipeline tests)."""
-    from util.data import shipped_photos
+    from benchmarks.photos import shipped_photos
     photos = [Image.open(p).convert("RGB") for p in shipped_photos()[:8]]
     rng = np.random.default_rng(seed)
     for i in range(n):

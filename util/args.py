@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 
 from maskalign.alignment import ADAPTORS, ALIGN_FORMS, LOSS_TYPES, TARGET_NORMS
-from maskalign.masking import MASK_TYPES, num_visible
+from maskalign.masking import MASKINGS, num_visible
 from maskalign.teacher_weights import RANDOM_WEIGHTS, hub_source, resolve_teacher_spec
+from models_maskalign import DEFAULT_TEACHER, MaskAlignConfig
 from util.data import DATA_BACKENDS, check_data_root, count_classes
 from util.recipes import Recipe
 
@@ -174,33 +175,37 @@ def add_training_args(parser: argparse.ArgumentParser, *, batch_size: int, epoch
 
 
 def add_maskalign_args(parser: argparse.ArgumentParser) -> None:
-    """Every MaskAlign option of models_maskalign.MaskAlignConfig, with the reference code's aliases."""
+    """Every MaskAlign option of models_maskalign.MaskAlignConfig, with its defaults (the paper's) and the
+    reference code's aliases."""
+    paper = MaskAlignConfig()
     g = parser.add_argument_group("MaskAlign (reference-code names in brackets)")
-    g.add_argument("--teacher", "--teacher_model", dest="teacher", default="openai/clip-vit-base-patch16",
+    g.add_argument("--teacher", "--teacher_model", dest="teacher", default=DEFAULT_TEACHER,
                    help="teacher spec: open_clip:NAME, timm:NAME or an alias such as "
                         "openai/clip-vit-base-patch16 [--teacher_model]")
     g.add_argument("--teacher_kwargs", nargs="*", action=ParseKwargs, default={}, metavar="KEY=VALUE",
                    help="extra keyword arguments for the teacher's model constructor")
     g.add_argument("--teacher_weights", default=None,
                    help="local teacher weights file (or an open_clip pretrained tag); needed offline")
-    g.add_argument("--mask_type", type=_alias({"attention": "attentive"}), choices=MASK_TYPES,
-                   default="attentive", help="which patches the student sees: random, or attentive (sampled by "
-                                             "the teacher's [CLS] attention) [attention = attentive]")
-    g.add_argument("--mask_ratio", type=float, default=0.7, help="share of patches the student does not see")
-    g.add_argument("--top_k", "--loss_weights", dest="top_k", type=_top_k, default=5,
+    g.add_argument("--mask_type", type=_alias({"attention": "attentive"}), choices=tuple(MASKINGS),
+                   default=paper.mask_type,
+                   help="which patches the student sees: random, or attentive (sampled by the teacher's [CLS] "
+                        "attention) [attention = attentive]")
+    g.add_argument("--mask_ratio", type=float, default=paper.mask_ratio,
+                   help="share of patches the student does not see")
+    g.add_argument("--top_k", "--loss_weights", dest="top_k", type=_top_k, default=paper.top_k,
                    help="align the last K teacher blocks [--loss_weights topK]")
-    g.add_argument("--align", dest="align", choices=ALIGN_FORMS, default="dynamic",
+    g.add_argument("--align", dest="align", choices=ALIGN_FORMS, default=paper.align,
                    help="dynamic = eq. (1); official = the reference code's mix-then-adapt; layerwise = no W")
     # The reference code's `--fusion_type linear` mixes with W, then adapts: our `official` form.
     g.add_argument("--fusion_type", dest="align", default=argparse.SUPPRESS, type=_fusion_type,
                    metavar="{linear,simple}",
                    help="the reference code's name for --align: linear = official, simple = layerwise")
-    g.add_argument("--adaptor", "--head_type", dest="adaptor", choices=ADAPTORS, default="linear")
-    g.add_argument("--target_norm", type=_alias({"whiten": "ln"}), choices=TARGET_NORMS, default="ln",
+    g.add_argument("--adaptor", "--head_type", dest="adaptor", choices=ADAPTORS, default=paper.adaptor)
+    g.add_argument("--target_norm", type=_alias({"whiten": "ln"}), choices=TARGET_NORMS, default=paper.target_norm,
                    help="per-token target normalisation [whiten = ln]")
     g.add_argument("--loss_type", type=_alias({"smoothl1": "smooth_l1"}), choices=LOSS_TYPES,
-                   default="smooth_l1", help="smooth_l1 is the paper's eq. (3) (beta 1, not doubled)")
-    g.add_argument("--align_cls", action=argparse.BooleanOptionalAction, default=True,
+                   default=paper.loss_type, help="smooth_l1 is the paper's eq. (3) (beta 1, not doubled)")
+    g.add_argument("--align_cls", action=argparse.BooleanOptionalAction, default=paper.align_cls,
                    help="also align the [CLS] token")
 
 
@@ -237,7 +242,6 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argpar
         (not args.device.startswith("cuda") or torch.cuda.is_available(),
          f"--device {args.device} asked for but CUDA is not available; use --device cpu"),
         (args.amp != "fp16" or args.device.startswith("cuda"), "--amp fp16 needs CUDA; use bf16 or none"),
-        (args.num_workers >= 0, "--num_workers must be >= 0"),
         (args.prefetch_factor >= 1, "--prefetch_factor must be >= 1"),
         (args.data_backend != "gpu" or args.device.startswith("cuda"),
          "--data_backend gpu decodes on the GPU and needs --device cuda; use --data_backend fast on CPU"),

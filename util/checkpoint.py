@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from util.reference_weights import is_reference_pretraining, reference_to_official
+
 logger = logging.getLogger("maskalign")
 
 LATEST = "checkpoint-latest.pth"
@@ -231,9 +233,11 @@ def restore_training_state(path: str, model, optimizer, scaler) -> tuple[int, in
     """Load model/optimizer/scaler; returns (epoch, step within it, the whole checkpoint) to continue from."""
     ckpt = _load_with_model(path)
     state = ckpt["model"]
-    if "distill_weights" in state:  # the reference MaskAlign code's pre-training checkpoint
-        from util.pretrained import reference_to_official  # late: util.pretrained imports this module
-        state, optimizer, scaler = reference_to_official(state, model), None, None
+    if is_reference_pretraining(state):
+        try:
+            state, optimizer, scaler = reference_to_official(state, model), None, None
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
         logger.warning("%s is a reference-code checkpoint: weights converted, optimizer state starts afresh", path)
     load_strict(model, state, path, "--model, --model_kwargs, --teacher, --top_k or --align")
     if "optimizer" in ckpt and optimizer is not None:

@@ -1,13 +1,7 @@
-"""Datasets and transforms for MaskAlign pre-training and fine-tuning.
-
-Pre-training runs for days over ~1.28M files, so a single unreadable image must
-not kill the run: :class:`RobustImageDataset` logs it, substitutes another
-sample deterministically (so a resumed run sees the same data) and only fails
-when the share of bad files shows the dataset itself is broken.
-
-Samples come from an ImageFolder, a file list or WebDataset tar shards (util/shards.py); training data goes
-through one of three backends (``--data_backend``, :func:`build_train_data`): ``pil`` (MAE's transform),
-``fast`` (uint8 crops, util/fast_crop.py) or ``gpu`` (decoded on the GPU, util/gpu_decode.py).
+"""Datasets and transforms for pre-training and fine-tuning: ImageFolder, file lists and tar shards, MAE's
+transforms, and the `--data_backend` choice (`build_train_data`: pil, fast or gpu). `RobustImageDataset`
+logs an unreadable image, substitutes another sample deterministically (a resumed run sees the same data) and
+fails only when `--max_bad_fraction` shows the dataset itself is broken.
 """
 import functools
 import io
@@ -25,6 +19,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from util.bad_images import TooManyBadSamplesError
 from util.fast_crop import FastRandomResizedCrop, NormalizeOnDevice, TorchvisionCropBox, to_rgb
 from util.gpu_decode import DecodeOnDevice, EncodedCrop, collate_encoded
 from util.shards import ShardMember, index_shards, is_shard_spec, missing_shards, read_bytes, shard_paths
@@ -49,17 +44,6 @@ _MAX_CONSECUTIVE_FAILURES = 50
 # The bad-fraction check waits for this many attempts (or one pass over a
 # smaller dataset) so a couple of bad files among the first reads are tolerated.
 _MIN_ATTEMPTS_FOR_CHECK = 100
-
-
-class TooManyBadSamplesError(RuntimeError):
-    """More than ``max_bad_fraction`` of the loaded images were unreadable, or too many in a row."""
-
-    def __init__(self, message: str) -> None:
-        # A DataLoader worker's error comes back as this type with the worker's traceback in the message;
-        # the run reports it as one line, so keep only the original message (the traceback's last line).
-        if message.startswith("Caught ") and "Traceback" in message:
-            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
-        super().__init__(message)
 
 
 def build_pretrain_transform(input_size: int, scale: tuple[float, float] = (0.2, 1.0)) -> transforms.Compose:
@@ -406,12 +390,3 @@ def build_train_data(backend: str, data_path: str, input_size: int, scale: tuple
                          batch_to_device=DecodeOnDevice(input_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                                                         dataset))
     raise ValueError(f"unknown data backend {backend!r}; choose one of {DATA_BACKENDS}")
-
-
-def shipped_photos() -> list[str]:
-    """The photos scikit-image ships in its package (no download): real JPEG/PNG content for the data
-    benchmark's ImageNet-like set and for tests of the decode paths."""
-    import skimage
-    data_dir = os.path.join(os.path.dirname(skimage.__file__), "data")
-    names = sorted(n for n in os.listdir(data_dir) if n.lower().endswith((".png", ".jpg")))
-    return [os.path.join(data_dir, n) for n in names]

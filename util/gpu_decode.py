@@ -1,15 +1,7 @@
-"""The ``gpu`` data backend: workers only read bytes and draw the crop; the GPU decodes and crops whole batches.
-
-Worker side (`EncodedCrop`): read the encoded file, parse its header for the size, draw MAE's crop box and flip
-exactly as the PIL path does (same RNG calls, so per-sample seeding and exact resume hold), return the bytes.
-Device side (`DecodeOnDevice`): ``torchvision.io.decode_jpeg(list, device='cuda')`` (nvJPEG) decodes the
-batch; images of the same size are stacked and cropped + resized by one ``torchvision.ops.roi_align`` call
-(bilinear samples averaged over each output pixel's footprint: an antialiased downscale, not bicubic);
-flip and normalisation follow on the device.
-
-A file nvJPEG refuses is decoded on the CPU instead (PNG or CMYK files named .jpg); one nothing can decode is
-logged, counted against ``--max_bad_fraction`` like any bad file, and replaced by another crop of the same
-batch. Everything here also runs on CPU tensors, which is how the tests exercise it.
+"""The `gpu` data backend: workers read the bytes and draw the crop (`EncodedCrop`, the PIL path's RNG calls);
+the device decodes whole batches with nvJPEG and crops them with `roi_align` (`DecodeOnDevice`). A file nvJPEG
+refuses is decoded on the CPU; one nothing decodes counts as a bad image and is replaced by another crop of
+the batch. Everything also runs on CPU tensors, which is how the tests exercise it. docs/data.md has more.
 """
 import io
 import logging
@@ -23,6 +15,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
+from util.bad_images import TooManyBadSamplesError
 from util.fast_crop import CropSampler, TorchvisionCropBox, draw_crop, normalize_pixels, to_rgb
 from util.shards import read_bytes
 
@@ -90,7 +83,6 @@ class DecodeOnDevice:
         images = self._decode_all(data, names, device)
         good = [k for k, image in enumerate(images) if image is not None]
         if not good:  # a data failure: it goes into the loop's vote, so every rank stops together
-            from util.data import TooManyBadSamplesError  # util.data imports this module
             raise TooManyBadSamplesError(f"no image of a batch of {len(images)} could be decoded (first: {names[0]}); "
                                f"is the data readable?")
         crops = crop_boxes([images[k] for k in good], boxes[good], self.size)

@@ -23,18 +23,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models_maskalign import STUDENT_ARCHS
 from util import checkpoint
+from util.reference_weights import REFERENCE_ONLY_PREFIXES
 
 logger = logging.getLogger("maskalign")
 
 # Keys that belong to pre-training machinery, never to the backbone.
-PRETRAIN_ONLY_PREFIXES = ("dynamic_align.", "decoder_", "mask_token", "clip_model.", "dino_model.",
-                          "distill_heads.", "distill_weights", "teacher.")
+PRETRAIN_ONLY_PREFIXES = ("dynamic_align.", "decoder_", "mask_token", "teacher.", *REFERENCE_ONLY_PREFIXES)
 HEAD_PREFIXES = ("head.", "fc_norm.")
 # Width/depth of the standard ViT/16 students, to name the timm model a checkpoint belongs to.
-KNOWN_VITS = {(192, 12): "vit_tiny_patch16_224", (384, 12): "vit_small_patch16_224",
-              (768, 12): "vit_base_patch16_224", (1024, 24): "vit_large_patch16_224",
-              (1280, 32): "vit_huge_patch14_224"}
+STUDENT_BY_SHAPE = {(cfg["embed_dim"], cfg["depth"]): timm_name for cfg, timm_name in STUDENT_ARCHS.values()}
 
 
 @dataclass
@@ -59,7 +58,7 @@ class Backbone:
         return grid * self.state_dict["patch_embed.proj.weight"].shape[-1]
 
     def guess_timm_name(self) -> Optional[str]:
-        return KNOWN_VITS.get((self.width, self.depth))
+        return STUDENT_BY_SHAPE.get((self.width, self.depth))
 
 
 def _detect_source(raw: dict[str, Any], keys: list[str]) -> str:
@@ -178,32 +177,10 @@ def load_into(model: nn.Module, backbone: Backbone, expected_name: str = "the mo
     return report
 
 
-def reference_to_official(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The reference code's pre-training weights in the layout of our `--align official` model.
-
-    Its `distill_weights` is indexed [teacher level, student block] (ours: W[i, j] = w_ij, the transpose) and
-    it keeps one `distill_heads.j` per teacher block; ours keeps adaptors for the K target levels only.
-    """
-    align = getattr(model, "dynamic_align", None)
-    if align is None or align.form != "official":
-        raise checkpoint.CheckpointError("the reference code's checkpoints hold its mix-then-adapt alignment: "
-                                         "build the model with --align official (its --fusion_type linear)")
-    out = {k: v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY_PREFIXES)}
-    out["dynamic_align.weight"] = state["distill_weights"].t().contiguous()
-    for k, level in enumerate(align.target_levels):
-        prefix = f"distill_heads.{level}."
-        heads = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
-        if not heads:
-            raise checkpoint.CheckpointError(f"the checkpoint has no distill_heads.{level} for target level {level}")
-        out.update({f"dynamic_align.adaptors.{k}.{name}": v for name, v in heads.items()})
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ export
 def timm_name_for(backbone: Backbone) -> str:
     """The timm model the student loads into: from our checkpoint's args when they say, else by shape."""
     args = backbone.pretrain_args or {}
-    from models_maskalign import STUDENT_ARCHS  # late: importing the model registers it with timm
     for arch, (cfg, timm_name) in STUDENT_ARCHS.items():
         if args.get("model", "").startswith(f"maskalign_vit_{arch}") and not args.get("model_kwargs"):
             return timm_name

@@ -1,26 +1,20 @@
-"""Named settings (`--recipe NAME`): the paper's, the MaskAlign reference release's and MAE's, side by side.
+"""Named settings (`--recipe NAME`) as data: the paper's, the reference release's, MAE's and the demo's.
 
-A recipe is a set of flag defaults that `util.args.parse` applies before parsing, so any flag given on the
-command line still wins. Per-GPU batch sizes assume 8 GPUs (`torchrun --nproc_per_node=8`); on another
-GPU count keep the effective batch (batch_size x accum_iter x GPUs) with `--accum_iter`.
-
-Sources:
-- `paper`: section 4.1 of the paper (one fine-tuning setting is given for every student size);
-- `release`: the commands of the reference release's README. That code is a fork of MAE, so a flag its
-  README does not pass runs at MAE's default (e.g. fine-tuning min_lr 1e-6);
-- `mae`: MAE's linear-probing protocol (the paper reports no linear probe).
-Dynamic Alignment: `paper` pre-training recipes compute eq. (1) (`--align dynamic`, adapt then mix);
-`release` ones compute what the reference code computes (`--align official`, mix then adapt), because
-that is the form the released checkpoints were trained in and can be continued in.
+A recipe is a set of flag defaults that `util.args.parse` applies before parsing, so explicit flags win. The
+entry points' own defaults are read from here (`pretrain_b16_paper`, `finetune_b16_paper`), and the presets
+are recipes: `--linprobe` brings `linprobe_mae`, `--demo` brings `pretrain_demo`. Per-GPU batch sizes assume
+8 GPUs. docs/recipes.md compares them side by side and gives their sources.
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from models_maskalign import DEFAULT_TEACHER, MaskAlignConfig
 
 
 @dataclass(frozen=True)
 class Recipe:
     task: str  # "pretrain", "finetune" or "linprobe" (main_finetune.py --linprobe)
-    source: str  # "paper", "release" or "mae"
+    source: str  # "paper", "release", "mae" or "demo"
     summary: str  # one line for --help
     flags: dict[str, Any]  # argparse dest -> value
 
@@ -28,10 +22,9 @@ class Recipe:
 # Paper, section 4.1: AdamW (0.9, 0.95), blr 1.5e-4, weight decay 0.05, total batch 1024, cosine with 10%
 # warm-up (20 of 200 epochs), drop path 0.1; CLIP-B/16 teacher, attentive masking 0.7, top-5 DA, linear
 # adaptors, LN targets, [CLS] aligned (Table 6).
+# MaskAlignConfig's defaults are the paper's MaskAlign choices.
 _PRETRAIN_PAPER = dict(batch_size=128, accum_iter=1, epochs=200, warmup_epochs=20, blr=1.5e-4, min_lr=0.0,
-                       weight_decay=0.05, drop_path=0.1, teacher="openai/clip-vit-base-patch16",
-                       mask_type="attentive", mask_ratio=0.7, top_k=5, align="dynamic", adaptor="linear",
-                       target_norm="ln", loss_type="smooth_l1", align_cls=True)
+                       weight_decay=0.05, drop_path=0.1, teacher=DEFAULT_TEACHER, **asdict(MaskAlignConfig()))
 # Release README: the same, plus --min_lr 1e-5 and --fusion_type linear; ViT-L with --drop_path 0.2.
 _PRETRAIN_RELEASE = dict(_PRETRAIN_PAPER, min_lr=1e-5, align="official")
 
@@ -51,6 +44,19 @@ MAE_LINPROBE = dict(batch_size=512, accum_iter=4, epochs=90, warmup_epochs=10, b
                     smoothing=0.0)
 LINPROBE_EFFECTIVE_BATCH = 16384
 
+# The demo: scikit-learn's 8x8 digits upsampled to 32 px, 8-px patches (a 4x4 grid, each patch 2x2 digit pixels);
+# student and teacher of the same size, as ViT-B/16 and CLIP-B/16 in the paper.
+DEMO_IMAGE_SIZE = 32
+DEMO_STUDENT_ARCH = dict(patch_size=8, depth=4, embed_dim=64, num_heads=2)
+DEMO_TEACHER_TIMM = "vit_tiny_patch16_224"  # timm name; DEMO_TEACHER_ARCH overrides its size
+DEMO_TEACHER_ARCH = dict(patch_size=8, depth=4, embed_dim=64, num_heads=2)
+DEMO_TEACHER = f"timm:{DEMO_TEACHER_TIMM}"
+_PRETRAIN_DEMO = dict(
+    model="maskalign_vit_tiny_patch16", model_kwargs=DEMO_STUDENT_ARCH, teacher=DEMO_TEACHER,
+    teacher_kwargs={**DEMO_TEACHER_ARCH, "img_size": DEMO_IMAGE_SIZE}, input_size=DEMO_IMAGE_SIZE, batch_size=64,
+    epochs=20, warmup_epochs=2, blr=4e-3, top_k=3, drop_path=0.0, num_workers=0, save_freq=1000, print_freq=1000,
+    device="cpu")
+
 RECIPES: dict[str, Recipe] = {
     "pretrain_b16_paper": Recipe(
         "pretrain", "paper", "ViT-B/16 student, CLIP-B/16 teacher, 200 epochs, eq. (1) alignment",
@@ -64,6 +70,9 @@ RECIPES: dict[str, Recipe] = {
     "pretrain_l16_release": Recipe(
         "pretrain", "release", "as pretrain_l16_paper with drop path 0.2, min_lr 1e-5 and --align official",
         dict(_PRETRAIN_RELEASE, model="maskalign_vit_large_patch16", drop_path=0.2)),
+    "pretrain_demo": Recipe(
+        "pretrain", "demo", "the demo's (= --demo): tiny ViT on 32-px digits, a label-trained teacher, CPU",
+        _PRETRAIN_DEMO),
     "finetune_b16_paper": Recipe(
         "finetune", "paper", "ViT-B/16, 100 epochs, blr 3e-4, layer decay 0.6, drop path 0.2",
         dict(_FINETUNE_PAPER, model="vit_base_patch16_224")),

@@ -1,13 +1,6 @@
-"""WebDataset-format tar shards read by random access, so they plug into the same sampler as an ImageFolder.
-
-A shard is a plain tar whose members are grouped by key: ``<key>.jpg`` (or .jpeg/.png/.webp) and, for
-labelled data, ``<key>.cls`` holding the integer label (WebDataset's convention; make_shards.py writes them).
-Instead of streaming the shards, we index them once (every member's offset and size, from the sidecar
-``<shard>.idx.json`` that make_shards.py writes, else by walking the tar headers) and read each sample with one
-``pread`` from a shard file kept open. The dataset then behaves like an ImageFolder of ``len(index)`` samples:
-the resumable sampler, per-sample seeded augmentation and bad-sample substitution apply unchanged, and a
-resumed run sees exactly the samples and crops of the uninterrupted one. The file system sees a few thousand
-large files opened once per worker instead of 1.28M small ones.
+"""WebDataset-format tar shards (`<key>.jpg` + `<key>.cls`) read by random access: indexed once (from the
+`<shard>.idx.json` make_shards.py writes, else by walking the tar headers) and read with one `pread` per
+sample, so they plug into the same resumable sampler as an ImageFolder. docs/data.md explains why.
 """
 import json
 import logging

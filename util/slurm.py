@@ -1,47 +1,23 @@
-"""What runs inside a submitit job (SLURM or submitit's local executor): see submitit_launch.py.
+"""What runs inside a submitit job (SLURM or submitit's local executor); submitit_launch.py submits it.
 
-`TrainingJob` is the pickled callable. In the job it
-1. exports torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) derived from
-   `submitit.JobEnvironment()`, so the entry point's `init_distributed` runs exactly as under torchrun;
-2. relies on the entry points' resume rule (`util.checkpoint.choose_resume`): the newest checkpoint of its
-   `--output_dir` wins over any `--resume` of the first submission, so a requeued job, whether requeued by
-   submitit or by SLURM itself, continues from the exact iteration;
-3. runs the task's entry point (`run(argv) -> exit code`) under the submitit signal policy below, and hands a
-   preempted / timed-out run to submitit's own requeue once the loop has saved and stopped.
-
-Who owns which signal in a submitit job
----------------------------------------
-submitit installs, before the callable runs: SIGUSR2 (its preemption/timeout signal, `SUBMITIT_PREEMPT_SIGNAL`;
-SLURM sends it `--signal_delay_s` before the time limit and, on clusters with `send_user_signal`, on
-preemption) -> `checkpoint_and_try_requeue`, which calls `checkpoint()`, requeues and `sys.exit`s *from inside
-the signal handler*, i.e. mid-step; SIGTERM and SIGCONT -> logged and ignored.
-While the training loop runs, `engine.StopSignals` owns the signals instead, remapped here (`actions`):
-- the preemption signal -> "stop": every rank (all-reduced each step) writes checkpoint-latest at the next
-  optimizer-step boundary and leaves the loop; `run` returns 143. Only then do we call submitit's saved handler
-  ourselves, so `checkpoint()` + requeue happen after a clean save, never mid-step. Exit 143 in a submitit job
-  therefore always means "preempted or timing out on some rank", and rank 0 requeues.
-- SIGTERM -> "save" (checkpoint at the next step, keep training). SLURM sends SIGTERM on preemption (before or
-  after USR2), on `scancel` and at the time limit, always followed by SIGKILL: stopping on it would end the job
-  before USR2 arrives (no requeue), and requeueing on it would resurrect a cancelled job. Saving covers
-  preemption without a user signal (PreemptMode=REQUEUE restarts the job, which resumes from that checkpoint).
-- SIGUSR1 -> "save", as outside SLURM (avoid it for preemption: NCCL may use it).
-Before the loop starts (data, model, teacher loading) and after it ends, submitit's handlers are in place: a
-preemption then requeues at once; nothing has been trained since the checkpoint on disk, so nothing is lost.
+`TrainingJob` exports torchrun's variables from `submitit.JobEnvironment()`, runs the task's entry point with
+`submitit_stop_policy` (preemption stops after a checkpoint; SIGTERM and SIGUSR1 only checkpoint), and hands
+a stopped run to submitit's own requeue once the checkpoint is written. docs/slurm.md says who owns which
+signal, and why.
 """
-import contextlib
 import dataclasses
 import importlib
 import os
 import signal
 import sys
 import zlib
-from collections.abc import Iterator
 from typing import Any
 
 import submitit
 from submitit.core.logger import get_logger
 
 from util.args import flag_value
+from util.signals import StopPolicy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_STOPPED = 143  # the entry points' code for "stopped by a signal after writing checkpoint-latest"
@@ -50,15 +26,15 @@ logger = get_logger()  # submitit's: configured in the job before the entry poin
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
-    module: str               # entry-point module: get_args_parser(), parse_args(argv), main(args), run(argv)
+class EntryPoint:
+    module: str               # get_args_parser(), parse_args(argv), main(args), run(argv, stop_policy)
     extra_argv: tuple = ()    # flags the task always adds (linear probing is main_finetune --linprobe)
 
 
-TASKS: dict[str, Task] = {
-    "pretrain": Task("main_pretrain"),
-    "finetune": Task("main_finetune"),
-    "linprobe": Task("main_finetune", ("--linprobe",)),
+TASKS: dict[str, EntryPoint] = {
+    "pretrain": EntryPoint("main_pretrain"),
+    "finetune": EntryPoint("main_finetune"),
+    "linprobe": EntryPoint("main_finetune", ("--linprobe",)),
 }
 
 
@@ -112,18 +88,9 @@ def preempt_signal() -> int:
     return submitit.JobEnvironment._usr_sig()
 
 
-@contextlib.contextmanager
-def submitit_signal_policy(preempt: int) -> Iterator[None]:
+def submitit_stop_policy(preempt: int) -> StopPolicy:
     """While the loop runs: preemption stops it after a checkpoint, SIGTERM/SIGUSR1 only checkpoint."""
-    from engine import StopSignals  # the entry points' loop; imported here so the launcher stays light
-
-    previous = StopSignals.actions, StopSignals.requeued_by_launcher
-    StopSignals.actions = {signal.SIGUSR1: "save", signal.SIGTERM: "save", preempt: "stop"}
-    StopSignals.requeued_by_launcher = True
-    try:
-        yield
-    finally:
-        StopSignals.actions, StopSignals.requeued_by_launcher = previous
+    return StopPolicy({signal.SIGUSR1: "save", signal.SIGTERM: "save", preempt: "stop"}, requeued_by_launcher=True)
 
 
 @dataclasses.dataclass
@@ -139,8 +106,7 @@ class TrainingJob:
         module = entry_point(self.task)
         logger.info("%s: running %s.run(%s)", job_env, module.__name__, argv)
         preempt = preempt_signal()
-        with submitit_signal_policy(preempt):
-            code = self._run(module, argv)
+        code = self._run(module, argv, submitit_stop_policy(preempt))
         if code == EXIT_STOPPED:
             self._requeue(preempt)  # rank 0 does not come back from this
             return {"exit_code": code, "rank": job_env.global_rank, "requeued": True}
@@ -156,9 +122,9 @@ class TrainingJob:
         logger.warning("requeueing %s; it resumes from the latest checkpoint in its --output_dir", self.task)
         return submitit.helpers.DelayedSubmission(dataclasses.replace(self))
 
-    def _run(self, module: Any, argv: list[str]) -> int:
+    def _run(self, module: Any, argv: list[str], stop_policy: StopPolicy) -> int:
         try:
-            return module.run(argv)
+            return module.run(argv, stop_policy=stop_policy)
         except SystemExit as e:
             # argparse (2) or a message from main: a recorded error rather than a silent exit. Any other code
             # is submitit's handler requeueing (preempted before or after the loop): let it through.

@@ -1,16 +1,10 @@
-"""The embedded demo's data, architectures and teacher: real labelled images, nothing downloaded.
-
-Images: scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`: 1797 greyscale 8x8
-images of the digits 0-9, read from a file inside the installed package). They are upsampled to 32x32 RGB
-and split once, stratified, into an ImageFolder with train/ (80%) and val/ (20%, held out from everything).
-
-Teacher: a small ViT trained *with labels* on the train split, from scratch, with main_finetune.py's model,
-optimizer and loss on the shared engine (digit-sized crops instead of ImageNet's; a [CLS] classifier, so its
-[CLS] attention means something), saved as a plain state dict. It plays the role CLIP
-plays in the paper: a frozen network that knows something the student must learn from unlabelled images.
-The students never see a label until the linear probe.
+"""What the embedded demo trains on, nothing downloaded: scikit-learn's bundled digits as an ImageFolder
+(train/ 80%, val/ 20% held out) and a small ViT teacher trained on them with labels by main_finetune.py's
+model, optimizer and loss. `main_pretrain.py --demo` and demo.py prepare them through `prepare_demo`;
+docs/demo.md tells the whole story.
 """
 import argparse
+import json
 import logging
 import os
 import random
@@ -20,30 +14,18 @@ import numpy as np
 from PIL import Image
 from torchvision import transforms
 
+import main_finetune
 from engine import Task, evaluate, fit, setup
 from util import checkpoint
 from util.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_dataset, build_finetune_transform
+from util.recipes import DEMO_IMAGE_SIZE, DEMO_TEACHER, DEMO_TEACHER_ARCH, DEMO_TEACHER_TIMM
 from util.sampler import PerSampleSeeded
 
 logger = logging.getLogger("maskalign")
 
 DEMO_DATASET = "scikit-learn load_digits (1797 8x8 digit images, 10 classes), upsampled to 32x32"
-IMAGE_SIZE = 32
-PATCH_SIZE = 8  # a 4x4 patch grid on 32 px: each patch is 2x2 of the original digit pixels
 VAL_FRACTION = 0.2
-# timm name + overrides; student and teacher have the same size, as ViT-B/16 and CLIP-B/16 in the paper.
-TEACHER_TIMM = "vit_tiny_patch16_224"
-TEACHER_ARCH = dict(patch_size=PATCH_SIZE, depth=4, embed_dim=64, num_heads=2)
-STUDENT_ARCH = dict(patch_size=PATCH_SIZE, depth=4, embed_dim=64, num_heads=2)
-DEMO_TEACHER = f"timm:{TEACHER_TIMM}"
 TEACHER_EPOCHS = 30
-
-# main_pretrain.py --demo: the demo's pre-training settings (other flags still win).
-DEMO_DEFAULTS = dict(
-    model="maskalign_vit_tiny_patch16", model_kwargs=STUDENT_ARCH, teacher=DEMO_TEACHER,
-    teacher_kwargs={**TEACHER_ARCH, "img_size": IMAGE_SIZE}, input_size=IMAGE_SIZE, batch_size=64, epochs=20,
-    warmup_epochs=2, blr=4e-3, top_k=3, drop_path=0.0, num_workers=0, save_freq=1000, print_freq=1000, device="cpu",
-)
 
 
 def kwargs_argv(kwargs: dict) -> list[str]:
@@ -80,7 +62,7 @@ def prepare_demo_data(root: str, seed: int = 0, per_class: Optional[int] = None)
             for index in chosen[:per_class]:
                 folder = os.path.join(root, split, str(label))
                 os.makedirs(folder, exist_ok=True)
-                img = Image.fromarray(images[index]).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
+                img = Image.fromarray(images[index]).resize((DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), Image.BICUBIC)
                 img.convert("RGB").save(os.path.join(folder, f"{index:04d}.png"))
     open(done, "w").close()
     logger.info("demo data: %s in %s (train/ and val/)", DEMO_DATASET, root)
@@ -89,8 +71,8 @@ def prepare_demo_data(root: str, seed: int = 0, per_class: Optional[int] = None)
 
 def teacher_finetune_argv(data_path: str, output_dir: str, epochs: int = TEACHER_EPOCHS) -> list[str]:
     """main_finetune.py flags of the demo teacher: trained from scratch with labels (train split only)."""
-    return ["--model", TEACHER_TIMM, "--model_kwargs", *kwargs_argv(TEACHER_ARCH), "--cls_token",
-            "--nb_classes", "10", "--input_size", str(IMAGE_SIZE), "--data_path", data_path,
+    return ["--model", DEMO_TEACHER_TIMM, "--model_kwargs", *kwargs_argv(DEMO_TEACHER_ARCH), "--cls_token",
+            "--nb_classes", "10", "--input_size", str(DEMO_IMAGE_SIZE), "--data_path", data_path,
             "--output_dir", output_dir, "--epochs", str(epochs), "--warmup_epochs", "2",
             "--batch_size", str(fitting_batch(32, data_path)),
             "--blr", "8e-3", "--layer_decay", "1.0", "--drop_path", "0.0", "--weight_decay", "0.05",
@@ -101,7 +83,7 @@ def teacher_finetune_argv(data_path: str, output_dir: str, epochs: int = TEACHER
 def digit_train_transform() -> transforms.Compose:
     """Mild crops, no flips: ImageNet's crop scale (0.08, 1) would leave a fragment of an 8x8 digit."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(IMAGE_SIZE, scale=(0.7, 1.0), ratio=(0.9, 1.1),
+        transforms.RandomResizedCrop(DEMO_IMAGE_SIZE, scale=(0.7, 1.0), ratio=(0.9, 1.1),
                                      interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
@@ -110,11 +92,10 @@ def digit_train_transform() -> transforms.Compose:
 
 def train_demo_teacher(data_path: str, output_dir: str, epochs: int = TEACHER_EPOCHS) -> None:
     """main_finetune's model, optimizer, loss and the shared engine, with digit-sized augmentation."""
-    import main_finetune  # imported here: it imports util
     args = main_finetune.parse_args(teacher_finetune_argv(data_path, output_dir, epochs))
     env, device = setup(args)
     train = build_dataset(data_path, digit_train_transform(), split="train")
-    val = main_finetune.val_loader(args, env, build_dataset(data_path, build_finetune_transform(False, IMAGE_SIZE),
+    val = main_finetune.val_loader(args, env, build_dataset(data_path, build_finetune_transform(False, DEMO_IMAGE_SIZE),
                                                             split="val"))
     model = main_finetune.build_model(args).to(device)
 
@@ -144,7 +125,6 @@ def last_test_accuracy(output_dir: str) -> Optional[float]:
     log = os.path.join(output_dir, "log.txt")
     if not os.path.exists(log):
         return None
-    import json
     with open(log) as f:
         records = [json.loads(line) for line in f if line.strip()]
     return records[-1].get("test_acc1") if records else None
