@@ -1,6 +1,6 @@
 """Stop signals: which signal asks the training loop for a checkpoint ("save") or a checkpoint and a clean
 stop ("stop"), and the guard that keeps data-loader workers alive through them. A launcher passes its own
-`StopPolicy` to the entry point's `run(argv, stop_policy=...)` (util/slurm.py does); docs/reliability.md
+`StopPolicy` to the entry point's `run(argv, stop_policy=...)` (util/slurm.py does); docs/training.md
 describes the guarantees.
 """
 import functools
