@@ -37,7 +37,6 @@ from maskalign.masking import (
     gather_tokens,
     mask_from_visible,
     num_visible,
-    sample_visible,
 )
 from maskalign.pos_embed import sincos_2d_pos_embed
 from maskalign.teacher_weights import build_teacher
@@ -177,7 +176,7 @@ class MaskAlignViT(VisionTransformer):
                        device: torch.device) -> torch.Tensor:
         request = MaskingRequest(batch_size, self.num_patches, num_visible(self.num_patches, mask_ratio), device,
                                  cls_attention)
-        return sample_visible(self.config.mask_type, request)
+        return MASKINGS[self.config.mask_type].sample(request)
 
     def targets(self, teacher_levels: dict[int, torch.Tensor], ids_keep: torch.Tensor,
                 visible_levels: frozenset[int] = frozenset()) -> torch.Tensor:

@@ -78,8 +78,3 @@ MASKINGS: dict[str, Masking] = {
     "random": Masking(lambda r: random_visible(r.batch_size, r.num_patches, r.len_keep, r.device, r.generator),
                       needs_cls_attention=False),
 }
-
-
-def sample_visible(mask_type: str, request: MaskingRequest) -> torch.Tensor:
-    """`ids_keep` of the strategy named `mask_type` (a key of MASKINGS)."""
-    return MASKINGS[mask_type].sample(request)

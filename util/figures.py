@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from maskalign.masking import MASKINGS, MaskingRequest, mask_from_visible, num_visible, sample_visible
+from maskalign.masking import MASKINGS, MaskingRequest, mask_from_visible, num_visible
 from models_maskalign import MaskAlignConfig
 from util.metrics import TensorboardWriter
 
@@ -89,7 +89,7 @@ def sample_masks(attention: torch.Tensor, mask_ratio: float, seed: int = 0) -> d
     batch, num_patches = attention.shape
     request = MaskingRequest(batch, num_patches, num_visible(num_patches, mask_ratio), attention.device, attention,
                              torch.Generator().manual_seed(seed))
-    return {name: mask_from_visible(sample_visible(name, request), num_patches) for name in MASKINGS}
+    return {name: mask_from_visible(masking.sample(request), num_patches) for name, masking in MASKINGS.items()}
 
 
 def mask_overlay(pixels: np.ndarray, mask: torch.Tensor) -> np.ndarray:

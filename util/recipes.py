@@ -49,7 +49,7 @@ LINPROBE_EFFECTIVE_BATCH = 16384
 DEMO_IMAGE_SIZE = 32
 DEMO_STUDENT_ARCH = dict(patch_size=8, depth=4, embed_dim=64, num_heads=2)
 DEMO_TEACHER_TIMM = "vit_tiny_patch16_224"  # timm name; DEMO_TEACHER_ARCH overrides its size
-DEMO_TEACHER_ARCH = dict(patch_size=8, depth=4, embed_dim=64, num_heads=2)
+DEMO_TEACHER_ARCH = dict(DEMO_STUDENT_ARCH)
 DEMO_TEACHER = f"timm:{DEMO_TEACHER_TIMM}"
 _PRETRAIN_DEMO = dict(
     model="maskalign_vit_tiny_patch16", model_kwargs=DEMO_STUDENT_ARCH, teacher=DEMO_TEACHER,
